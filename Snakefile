@@ -1,0 +1,29 @@
+# pnoc: P-NOC weakly supervised semantic segmentation as a Snakemake DAG.
+#
+#   snakemake --cores all                      # the whole chain on the embedded synthetic benchmark
+#   snakemake --profile slurm                  # the same on a SLURM cluster (see slurm/)
+#   snakemake --configfile config/voc12.yaml   # Pascal VOC 2012 (paper settings)
+#
+# Outputs live under results/<stage>/<variant>/...; results/summary.{md,json} index them.
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/dataset.smk"
+include: "workflow/rules/cam.smk"
+include: "workflow/rules/summary.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/summary.json",
+    default_target: True

@@ -1,0 +1,120 @@
+"""Thin command-line layer: each stage declares a dataclass, this builds its argparse.
+
+A stage module looks like::
+
+    @dataclass
+    class Config:
+        dataset: Path          # required (no default) -> --dataset PATH
+        epochs: int = 10       # -> --epochs 10
+        scales: list[float] = field(default_factory=lambda: [1.0])  # -> --scales 0.5 1.0
+
+    def run(cfg: Config) -> dict: ...
+
+    if __name__ == "__main__":
+        cli.main(run, Config)
+
+Field names with ``_`` become flags with ``-``. ``bool`` fields take ``true/false``.
+Defaults live in ``config.yaml`` (the Snakefile passes every value); the dataclass
+defaults only serve direct library use and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _none_or(tp):
+    def conv(s: str):
+        if s.strip().lower() in ("none", "null", ""):
+            return None
+        return tp(s)
+    return conv
+
+
+def build_parser(cfg_cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """Build an ``argparse`` parser whose flags are the dataclass fields of ``cfg_cls``."""
+    p = argparse.ArgumentParser(description=description or cfg_cls.__doc__)
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name}
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        optional = False
+        if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+            non_none = [a for a in args if a is not type(None)]
+            optional = len(non_none) < len(args)
+            tp = non_none[0]
+            origin = typing.get_origin(tp)
+            args = typing.get_args(tp)
+        if origin in (list, tuple):
+            elem = args[0] if args else str
+            kw["nargs"] = "*"
+            kw["type"] = _parse_bool if elem is bool else elem
+        elif tp is bool:
+            kw["type"] = _parse_bool
+        else:
+            kw["type"] = _none_or(tp) if optional else tp
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            kw["default"] = f.default_factory()  # type: ignore[misc]
+        else:
+            kw["required"] = True
+        help_text = f.metadata.get("help", "") if f.metadata else ""
+        kw["help"] = f"{help_text} (default: {kw.get('default', 'required')})"
+        p.add_argument(flag, **kw)
+    return p
+
+
+def parse(cfg_cls: type[T], argv: list[str] | None = None) -> T:
+    ns = build_parser(cfg_cls).parse_args(argv)
+    return cfg_cls(**vars(ns))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(run: Callable[[T], Any], cfg_cls: type[T], argv: list[str] | None = None) -> None:
+    """Parse flags into ``cfg_cls``, set up logging, call ``run``.
+
+    A :class:`pnoc.io.DataError` ends the process with exit code 2 and its message
+    (which names the file and the fix) on stderr, without a traceback.
+    """
+    from .io import DataError
+
+    setup_logging()
+    cfg = parse(cfg_cls, argv)
+    try:
+        run(cfg)
+    except DataError as e:
+        logging.getLogger("pnoc").error("%s", e)
+        sys.exit(2)
+
+
+def as_path(p: str | Path | None) -> Path | None:
+    return None if p is None else Path(p)

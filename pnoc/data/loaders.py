@@ -1,0 +1,92 @@
+"""``torch.utils.data.Dataset`` wrappers over :class:`WSSSDataset` for the training stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..io import DataError, read_mask
+from .datasets import WSSSDataset
+from .transforms import Augmenter, to_tensor_image
+
+
+class ClassificationSet(Dataset):
+    """Items: ``(x (3, crop, crop) float, y (C,) float, index)``."""
+
+    def __init__(self, ds: WSSSDataset, augmenter: Augmenter):
+        self.ds, self.aug = ds, augmenter
+        # fail before training starts, naming the first bad image, instead of mid-epoch
+        ds.validate(need_labels=True)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        image_id = self.ds.ids[i]
+        img = to_tensor_image(self.ds.read_image(image_id))
+        x, _ = self.aug(img)
+        return x, torch.from_numpy(self.ds.labels(image_id)), i
+
+
+class PairedSet(Dataset):
+    """Image plus per-image auxiliary maps loaded by ``load_aux(image_id, (H, W))``.
+
+    ``load_aux`` returns a list of arrays: uint8 (H, W) label maps or float (C, H, W) maps.
+    Items: ``(x, *aux_tensors, y, index)``.
+    """
+
+    def __init__(self, ds: WSSSDataset, augmenter: Augmenter,
+                 load_aux: Callable[[str, tuple[int, int]], list[np.ndarray]], need_labels: bool = True):
+        self.ds, self.aug, self.load_aux, self.need_labels = ds, augmenter, load_aux, need_labels
+        ds.validate(need_labels=need_labels)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        image_id = self.ds.ids[i]
+        arr = self.ds.read_image(image_id)
+        aux = [torch.from_numpy(np.ascontiguousarray(a)) for a in self.load_aux(image_id, arr.shape[:2])]
+        x, aux = self.aug(to_tensor_image(arr), aux)
+        aux = [a.long() if a.dtype == torch.uint8 else a for a in aux]
+        y = torch.from_numpy(self.ds.labels(image_id)) if self.need_labels else torch.zeros(self.ds.n_classes)
+        return (x, *aux, y, i)
+
+
+def mask_loader(mask_dir: str | Path | None, ds: WSSSDataset) -> Callable[[str, tuple[int, int]], list[np.ndarray]]:
+    """Aux loader reading index PNGs from ``mask_dir`` (or the ground truth when ``None``)."""
+
+    def load(image_id: str, hw: tuple[int, int]) -> list[np.ndarray]:
+        if mask_dir is None:
+            return [ds.read_mask(image_id, hw)]
+        p = Path(mask_dir) / f"{image_id}.png"
+        if not p.is_file():
+            raise DataError(f"{p}: mask missing for training image {image_id}; rerun the rule that writes {mask_dir}")
+        return [read_mask(p, hw)]
+
+    return load
+
+
+def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int,
+                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose order and worker seeds depend only on ``(seed, epoch)``.
+
+    This is what makes a resumed run identical to an uninterrupted one: epoch ``e``
+    sees the same permutation and the same augmentation draws either way.
+    """
+    g = torch.Generator()
+    g.manual_seed(seed * 100003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        generator=g,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,6 @@
+"""Networks: backbone factory, CAM classifier, C²AM, PoolNet, AffinityNet, DeepLab."""
+
+from .backbones import Backbone, available_backbones, create_backbone
+from .classifier import Classifier, create_classifier
+
+__all__ = ["Backbone", "Classifier", "available_backbones", "create_backbone", "create_classifier"]

@@ -1,0 +1,278 @@
+"""Shared training machinery: device, parameter groups, poly schedule, AMP, resumable checkpoints.
+
+Resume design: each training stage keeps its resume state in an *undeclared* folder
+(``<state_dir>/last.pt``, written atomically after every epoch) because Snakemake deletes
+the declared outputs of a failed job. The state holds every model and optimizer, the
+GradScaler, the schedule step, the epoch and all RNG states; every epoch also reseeds its
+data order and augmentation from ``(seed, epoch)``, so a resumed run reproduces an
+uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- device / amp
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` are taken as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec!r} but CUDA is not available; use device: auto or cpu")
+    return dev
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA only; a no-op context on CPU (AMP is a GPU feature here)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    # bf16 has fp32's exponent range, so loss scaling is unnecessary; the scaler is kept
+    # (disabled) so checkpoints have one format whatever the precision.
+    return torch.amp.GradScaler(device.type, enabled=False)
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` intra-op threads (Snakemake's ``threads:``)."""
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100003 + epoch
+
+
+# ---------------------------------------------------------------------------- optimisation
+def param_groups(pretrained: Iterable[tuple[str, nn.Parameter]], new: Iterable[tuple[str, nn.Parameter]],
+                 lr: float, weight_decay: float, new_lr_mult: float = 10.0, bias_lr_mult: float = 2.0) -> list[dict]:
+    """The four parameter groups of the reference code.
+
+    pretrained weights (lr, wd), pretrained biases (2·lr, wd 0), new weights (10·lr, wd),
+    new biases (20·lr, wd 0). BN gammas count as weights and BN betas as biases.
+
+    Args:
+        pretrained: ``named_parameters()`` of layers that start from (pre)trained weights.
+        new: ``named_parameters()`` of layers initialised from scratch (heads).
+    """
+    groups = {k: [] for k in ("pw", "pb", "nw", "nb")}
+    for prefix, named in (("p", pretrained), ("n", new)):
+        for name, p in named:
+            if not p.requires_grad:
+                continue
+            groups[prefix + ("b" if name.endswith("bias") else "w")].append(p)
+    spec = {
+        "pw": (1.0, weight_decay), "pb": (bias_lr_mult, 0.0),
+        "nw": (new_lr_mult, weight_decay), "nb": (new_lr_mult * bias_lr_mult, 0.0),
+    }
+    out = []
+    for k, params in groups.items():
+        if params:
+            mult, wd = spec[k]
+            out.append({"params": params, "lr": lr * mult, "weight_decay": wd, "lr_mult": mult, "name": k})
+    return out
+
+
+def poly_factor(step: int, total: int, power: float = 0.9) -> float:
+    """(1 − step/total)^power, clamped at 0."""
+    return max(0.0, 1.0 - step / max(1, total)) ** power
+
+
+def make_optimizer(groups: list[dict], name: str = "sgd", momentum: float = 0.0, nesterov: bool = False,
+                   ) -> torch.optim.Optimizer:
+    """``sgd`` (the reference's: no momentum unless given) or ``adam``/``adamw``."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=groups[0]["lr"])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"])
+    raise ValueError(f"optimizer {name!r}: use sgd | adam | adamw")
+
+
+def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9):
+    """LambdaLR applying :func:`poly_factor` to every group's base LR (one ``step()`` per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power))
+
+
+def linear_ramp(a0: float, a1: float, step: int, total: int, fraction: float = 1.0) -> float:
+    """Linear schedule from ``a0`` to ``a1`` over the first ``fraction`` of ``total`` steps, then ``a1``."""
+    span = max(1e-12, total * fraction)
+    t = min(1.0, step / span)
+    return a0 + (a1 - a0) * t
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Checkpointer:
+    """Resume state of one training rule, kept in an undeclared folder.
+
+    ``save(epoch, **objects)`` stores ``state_dict()`` of every object (models,
+    optimizers, schedulers, scaler) plus RNG states and ``epoch``; ``restore(**objects)``
+    loads them back and returns the next epoch to run (0 when there is no state).
+    A ``config`` dict is stored too, and a state written under another config is
+    refused rather than silently mixed (delete the folder to start over).
+    """
+
+    def __init__(self, state_dir: str | Path, config: dict | None = None):
+        self.dir = Path(state_dir)
+        self.path = self.dir / "last.pt"
+        self.config = config or {}
+
+    def save(self, epoch: int, extra: dict | None = None, **objects) -> None:
+        state = {k: v.state_dict() for k, v in objects.items()}
+        state["_epoch"] = epoch
+        state["_rng"] = rng_state()
+        state["_config"] = self.config
+        state["_extra"] = extra or {}
+        with atomic_path(self.path, ".pt") as tmp:
+            torch.save(state, tmp)
+
+    def restore(self, **objects) -> tuple[int, dict]:
+        """Returns ``(next_epoch, extra)``."""
+        if not self.path.is_file():
+            return 0, {}
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("_config") != self.config:
+            raise RuntimeError(
+                f"{self.path}: resume state was written with a different configuration; "
+                f"delete {self.dir} to retrain from scratch"
+            )
+        for k, obj in objects.items():
+            obj.load_state_dict(state[k])
+        set_rng_state(state["_rng"])
+        log.info("resumed from %s after epoch %d", self.path, state["_epoch"] + 1)
+        return state["_epoch"] + 1, state.get("_extra", {})
+
+    def clear(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+
+
+@contextlib.contextmanager
+def stop_requested() -> Iterator[dict]:
+    """Catch SIGUSR1/SIGTERM (SLURM's warning before a time limit) and set a flag.
+
+    The training loop checks ``flag["stop"]`` after each epoch's checkpoint and exits
+    with code 75 (EX_TEMPFAIL) so the job is requeued/retried and resumes.
+    """
+    flag = {"stop": False}
+
+    def handler(signum, _frame):
+        log.warning("signal %d received: will stop after the current epoch's checkpoint", signum)
+        flag["stop"] = True
+
+    old = {}
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, handler)
+        except ValueError:  # not in the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def save_weights(path: str | Path, state: dict) -> None:
+    """Write a final model artifact atomically (a plain dict of state dicts + metadata)."""
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def load_weights(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        from .io import DataError
+
+        raise DataError(f"{path}: model file not found; run the training rule that produces it")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class EpochRunner:
+    """Resumable epoch loop shared by every training stage.
+
+    Usage::
+
+        runner = EpochRunner(state_dir, config_dict, epochs, seed, model=m, opt=o, sched=s, scaler=sc)
+        for epoch in runner:           # restores state first; reseeds RNGs from (seed, epoch)
+            ...train one epoch...
+            runner.log(epoch, {"loss": ...})   # appended to runner.history
+        # after each iteration the full state is checkpointed atomically
+
+    A SIGUSR1/SIGTERM during an epoch stops the run after that epoch's checkpoint
+    with exit code 75, so a requeued job resumes instead of restarting.
+    """
+
+    def __init__(self, state_dir: str | Path, config: dict, epochs: int, seed: int, **objects):
+        self.ckpt = Checkpointer(state_dir, config)
+        self.epochs = epochs
+        self.seed = seed
+        self.objects = objects
+        self.history: list[dict] = []
+        self.start_epoch = 0
+
+    def __iter__(self):
+        start, extra = self.ckpt.restore(**self.objects)
+        self.history = list(extra.get("history", []))
+        self.start_epoch = start
+        with stop_requested() as flag:
+            for epoch in range(start, self.epochs):
+                seed_everything(epoch_seed(self.seed, epoch))
+                yield epoch
+                self.ckpt.save(epoch, extra={"history": self.history}, **self.objects)
+                if flag["stop"] and epoch + 1 < self.epochs:
+                    log.warning("stopping after epoch %d on request; rerun to resume", epoch + 1)
+                    raise SystemExit(75)
+
+    def log(self, epoch: int, metrics: dict) -> None:
+        row = {"epoch": epoch + 1, **metrics}
+        self.history.append(row)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))

@@ -1,0 +1,20 @@
+# The embedded synthetic benchmark (skipped when dataset.name is voc12 or coco14).
+
+if DATASET["name"] == "synthetic":
+
+    rule make_dataset:
+        output:
+            meta=f"{DATASET['root']}/dataset.json",
+        params:
+            root=DATASET["root"],
+            args=flags(DATASET["synthetic"]),
+        log:
+            f"{RESULTS}/logs/make_dataset.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=15,
+        shell:
+            "python -m pnoc.make_dataset --out {params.root} {params.args} 2> {log}"
