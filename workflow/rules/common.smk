@@ -90,6 +90,10 @@ def variant_strategy(variant):
 PRIOR_VARIANTS = list(dict.fromkeys([config["cam"]["baseline"], config["cam"]["variant"]]))
 
 
+# metrics.json files of later stages; each rule file appends its own evaluations
+SUMMARY_EXTRA = []
+
+
 def summary_inputs():
     """Every evaluation whose row goes into results/summary.json."""
-    return prior_metrics(PRIOR_VARIANTS, seeds=[SEED0])
+    return prior_metrics(PRIOR_VARIANTS, seeds=[SEED0]) + SUMMARY_EXTRA
