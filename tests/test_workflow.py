@@ -1,0 +1,96 @@
+"""Workflow-level tests: lint, dry runs, config validation, the smoke DAG end to end, resume after kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, smoke_config, snakemake, venv_env
+
+
+def test_lint_is_clean():
+    p = snakemake(["--lint"], check=False)
+    assert p.returncode == 0, p.stdout[-4000:]
+
+
+def test_dry_run_default_and_tables():
+    p = snakemake(["-n", "--quiet", "rules"], check=True)
+    for rule in ("make_dataset", "train_classifier", "train_cam", "infer_cams", "evaluate_priors", "summary"):
+        assert rule in p.stdout
+    snakemake(["-n", "priors_table"])
+
+
+def test_invalid_config_key_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("classifier:\n  epochz: 3\n")
+    p = snakemake(["-n", "--configfile", str(bad)], check=False)
+    assert p.returncode != 0
+    assert "epochz" in p.stdout
+
+
+def test_out_of_range_config_value_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("classifier:\n  label_smoothing: 2.0\n")
+    p = snakemake(["-n", "--configfile", str(bad)], check=False)
+    assert p.returncode != 0 and "label_smoothing" in p.stdout
+
+
+@pytest.mark.slow
+def test_smoke_dag_end_to_end(smoke_run):
+    tmp, _, p = smoke_run
+    summary = json.loads((tmp / "results" / "summary.json").read_text())
+    assert Path(summary["dataset_root"], "JPEGImages").is_dir()
+    stages = {(r["stage"], r["variant"]) for r in summary["rows"]}
+    assert ("priors", "cam") in stages and ("priors", "pnoc_ls") in stages
+    for r in summary["rows"]:
+        assert 0.0 <= r["miou"] <= 1.0
+        if "masks" in r:
+            assert any(Path(r["masks"]).glob("*.png"))
+    assert "pnoc results" in p.stdout  # the summary table is printed
+
+
+def _train_cmd(tmp, root, out, state, epochs=3):
+    return [sys.executable, "-m", "pnoc.train_classifier", "--dataset", "synthetic", "--root", str(root),
+            "--out", str(out / "model.pt"), "--metrics", str(out / "metrics.json"), "--state-dir", str(state),
+            "--backbone", "resnet18_w8", "--epochs", str(epochs), "--batch-size", "8", "--crop", "64",
+            "--resize-min", "56", "--resize-max", "72", "--threads", "1", "--seed", "3"]
+
+
+@pytest.mark.slow
+def test_classifier_resumes_after_kill_exactly(tmp_path):
+    from pnoc.data.synthetic import SyntheticConfig, generate
+
+    root = tmp_path / "data"
+    generate(root, SyntheticConfig(n_train=32, n_val=8, image_size=64, n_classes=4))
+    env = venv_env()
+    # uninterrupted run
+    subprocess.run(_train_cmd(tmp_path, root, tmp_path / "a", tmp_path / "sa"), check=True, env=env,
+                   cwd=ROOT, capture_output=True)
+    # killed run: SIGKILL as soon as the first epoch's checkpoint exists, then rerun
+    proc = subprocess.Popen(_train_cmd(tmp_path, root, tmp_path / "b", tmp_path / "sb"), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "sb" / "last.pt"
+    t0 = time.time()
+    while not state.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "model.pt").exists(), "killed before the end: no final model"
+    killed_at = torch.load(state, weights_only=False)["_epoch"] + 1
+    assert killed_at < 3
+    subprocess.run(_train_cmd(tmp_path, root, tmp_path / "b", tmp_path / "sb"), check=True, env=env,
+                   cwd=ROOT, capture_output=True)
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert mb["resumed_from_epoch"] == killed_at
+    assert [e["loss"] for e in mb["epochs"]] == [e["loss"] for e in ma["epochs"]]
+    wa = torch.load(tmp_path / "a" / "model.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
