@@ -17,13 +17,22 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/dataset.smk"
 include: "workflow/rules/cam.smk"
+include: "workflow/rules/saliency.smk"
+include: "workflow/rules/affinity.smk"
+include: "workflow/rules/segmentation.smk"
+# report.smk builds its pages from the evaluations the stage files above register: keep it last
+include: "workflow/rules/report.smk"
 include: "workflow/rules/summary.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/summary.json",
+        report_targets(),
     default_target: True

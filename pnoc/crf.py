@@ -34,8 +34,9 @@ def _check_image(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"img must be (H, W, 3) RGB, got shape {img.shape}")
     if img.shape[:2] != tuple(hw):
         raise ValueError(f"img is {img.shape[:2]} but the map is {tuple(hw)}; resize one to the other first")
-    # the C++ bilateral kernel reads the raw buffer: it must be uint8 and C-contiguous
-    return np.ascontiguousarray(img, dtype=np.uint8)
+    # the C++ bilateral kernel reads the raw buffer: it must be uint8, C-contiguous and writable
+    # (arrays backed by PIL images are read-only, which pydensecrf's typed memoryview rejects)
+    return np.array(img, dtype=np.uint8, order="C", copy=True)
 
 
 def _pairwise_and_infer(d, img: np.ndarray, t: int, gauss_sxy: float, gauss_compat: float,

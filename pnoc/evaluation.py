@@ -212,3 +212,68 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
             cells.append(floatfmt.format(v) if isinstance(v, float) else str(v))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def evaluate_mask_folder(ds, folder, pred_ignore_as: int | None = 0, ignore: int = 255) -> dict:
+    """Score a folder of predicted index PNGs (``<folder>/<id>.png``) against a split's ground truth.
+
+    Used by every stage whose output is a mask per image (segmentation predictions, pseudo
+    masks). A prediction whose size differs from its ground truth is resized to it with
+    nearest neighbour (like the reference's ``evaluate.py --mode png``).
+
+    Args:
+        ds: a :class:`pnoc.data.WSSSDataset` (the split to score; every image needs a GT mask).
+        folder: the prediction folder; palette or grayscale PNGs of class indices.
+        pred_ignore_as: class that predicted ``ignore`` (255, "unsure" pixels of pseudo
+            masks) counts as; 0 = background, as IRN/P-NOC score pseudo masks. ``None``
+            refuses such predictions instead.
+        ignore: the void value (ground-truth pixels with it are not scored).
+
+    Returns:
+        :func:`scores` of the summed confusion matrix plus ``confusion`` (n, n),
+        ``per_class_iou`` / ``per_class_fp`` / ``per_class_fn`` (class name -> value,
+        background first), ``images`` and ``pred_ignored_pixels`` (predicted-ignore pixels
+        remapped by ``pred_ignore_as``).
+
+    Raises:
+        pnoc.io.DataError: a prediction is missing, unreadable or holds a class index > C.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .io import DataError, read_mask
+
+    folder = Path(folder)
+    n = ds.n_classes + 1
+    conf = np.zeros((n, n), np.int64)
+    remapped = 0
+    for image_id in ds.ids:
+        path = folder / f"{image_id}.png"
+        if not path.is_file():
+            raise DataError(f"{path}: prediction missing for image {image_id} of split {ds.split}; "
+                            f"rerun the rule that writes {folder}")
+        gt = ds.read_mask(image_id)
+        pred = read_mask(path)
+        if pred.shape != gt.shape:
+            pred = np.asarray(Image.fromarray(pred).resize((gt.shape[1], gt.shape[0]), Image.NEAREST))
+        unsure = pred == ignore
+        if unsure.any():
+            if pred_ignore_as is None:
+                raise DataError(f"{path}: holds ignore ({ignore}) pixels; predictions must assign a class")
+            remapped += int(unsure.sum())
+            pred = np.where(unsure, pred_ignore_as, pred)
+        if pred.max(initial=0) >= n:
+            raise DataError(f"{path}: class index {int(pred.max())} exceeds the {ds.n_classes} classes of {ds.name}")
+        conf += confusion(pred, gt, n, ignore)
+    out = scores(conf)
+    names = ["background"] + list(ds.classes)
+    out.update({
+        "confusion": conf,
+        "per_class_iou": {k: float(v) for k, v in zip(names, out["iou"])},
+        "per_class_fp": {k: float(v) for k, v in zip(names, out["fp_per_class"])},
+        "per_class_fn": {k: float(v) for k, v in zip(names, out["fn_per_class"])},
+        "images": len(ds.ids),
+        "pred_ignored_pixels": remapped,
+    })
+    return out

@@ -13,6 +13,8 @@ rule train_classifier:
         val=DATASET["val_split"],
         args=flags(config["classifier"]),
         state=lambda w: state_dir("classifier", f"seed{w.seed}"),
+        device=config["device"],
+        workers=config["workers"],
     log:
         f"{RESULTS}/logs/train_classifier/seed{{seed}}.log",
     conda:
@@ -25,7 +27,7 @@ rule train_classifier:
     shell:
         "python -m pnoc.train_classifier {params.data} --split {params.split} --val-split {params.val}"
         " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {config[device]} --num-workers {config[workers]}"
+        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
         " --threads {threads} {params.args} 2> {log}"
 
 
@@ -38,6 +40,7 @@ rule infer_cams:
     params:
         data=dataset_args(),
         args=flags(config["inference"]),
+        device=config["device"],
     log:
         f"{RESULTS}/logs/infer_cams/{{variant}}-seed{{seed}}-{{split}}.log",
     conda:
@@ -49,7 +52,7 @@ rule infer_cams:
         runtime=runtime_infer,
     shell:
         "python -m pnoc.infer_cams {params.data} --split {wildcards.split} --model {input.model}"
-        " --out-dir {output.cams} --device {config[device]} --threads {threads} {params.args} 2> {log}"
+        " --out-dir {output.cams} --device {params.device} --threads {threads} {params.args} 2> {log}"
 
 
 rule evaluate_priors:
@@ -92,6 +95,8 @@ rule train_cam:
         args=flags(config["cam"], exclude=("variant", "baseline", "table_variants", "label_smoothing")),
         arch=flags({k: config["classifier"][k] for k in ("backbone", "output_stride", "weights")}),
         state=lambda w: state_dir("cam", w.variant, f"seed{w.seed}"),
+        device=config["device"],
+        workers=config["workers"],
     log:
         f"{RESULTS}/logs/train_cam/{{variant}}-seed{{seed}}.log",
     conda:
@@ -105,7 +110,7 @@ rule train_cam:
         "python -m pnoc.train_cam {params.data} --split {params.split} --eval-split {params.eval_split}"
         " --classifier {input.classifier} --strategy {params.strategy} --label-smoothing {params.ls}"
         " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {config[device]} --num-workers {config[workers]}"
+        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
         " --threads {threads} {params.arch} {params.args} 2> {log}"
 
 

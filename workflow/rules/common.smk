@@ -1,5 +1,6 @@
 # Helper functions shared by the rule files (and nothing else lives here).
 
+import os
 import shlex
 
 RESULTS = config["results"]
@@ -21,9 +22,10 @@ def flags(section, exclude=()):
     for key, value in section.items():
         if key in exclude or isinstance(value, dict):
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = f"--{key.replace('_', '-')}"
         if isinstance(value, (list, tuple)):
-            out.append(flag + " " + " ".join(shlex.quote(str(v)) for v in value))
+            values = " ".join(shlex.quote(str(v)) for v in value)
+            out.append(f"{flag} {values}")
         elif isinstance(value, bool):
             out.append(f"{flag} {'true' if value else 'false'}")
         else:
@@ -44,7 +46,7 @@ def dataset_marker():
 
 def state_dir(*parts):
     """Undeclared resume-state folder of a training job (Snakemake deletes declared outputs of failed jobs)."""
-    return "/".join([RESULTS, ".state", *map(str, parts)])
+    return os.path.join(RESULTS, ".state", *map(str, parts))
 
 
 def mem_train(wildcards, attempt):
@@ -90,6 +92,57 @@ def variant_strategy(variant):
 PRIOR_VARIANTS = list(dict.fromkeys([config["cam"]["baseline"], config["cam"]["variant"]]))
 
 
+# ---------------------------------------------------------------------------------------------
+# Saliency: hints, C2AM / C2AM-H, PoolNet (workflow/rules/saliency.smk)
+
+SAL = config["saliency"]
+SAL_PRIOR = config["cam"]["variant"]  # the chain's prior: source of hints and of CAM-combined scores
+
+
+def saliency_maps(split, seed=None):
+    """Folder of the chain's final saliency maps (PoolNet trained on ``saliency.method``'s pseudo masks).
+
+    One 8-bit gray PNG per image of ``split`` (value/255 = saliency), written by rule infer_poolnet.
+    """
+    seed = SEED0 if seed is None else seed
+    return f"{RESULTS}/saliency/{SAL['method']}/seed{seed}/{split}/poolnet"
+
+
+def saliency_hints(wildcards):
+    """Hints of the chain's prior on the training split (C2AM-H loss; C2AM direction evidence)."""
+    return f"{RESULTS}/hints/{SAL_PRIOR}/seed{wildcards.seed}/{DATASET['train_split']}"
+
+
+def saliency_classifier(section):
+    """The ordinary classifier as the backbone source of a saliency network (``init: classifier``)."""
+    if SAL[section]["init"] == "classifier":
+        return f"{RESULTS}/classifier/seed{{seed}}/model.pt"
+    return []
+
+
+def saliency_classifier_flag(section):
+    if SAL[section]["init"] == "classifier":
+        return lambda w: f"--classifier {RESULTS}/classifier/seed{w.seed}/model.pt"
+    return ""
+
+
+def saliency_eval_maps(wildcards):
+    """Maps scored by evaluate_saliency: raw C2AM maps for ``<method>_raw``, PoolNet maps for ``<method>``."""
+    v = wildcards.variant
+    method, kind = (v[: -len("_raw")], "raw") if v.endswith("_raw") else (v, "poolnet")
+    return f"{RESULTS}/saliency/{method}/seed{wildcards.seed}/{wildcards.split}/{kind}"
+
+
+def saliency_metrics(variants, split=None, seeds=None):
+    """metrics.json of rule evaluate_saliency for variants (``c2amh``, ``c2amh_raw``, ...) × seeds."""
+    split = split or DATASET["eval_split"]
+    return [
+        f"{RESULTS}/saliency_eval/{v}/seed{s}/{split}/metrics.json"
+        for v in variants
+        for s in (seeds or SEEDS)
+    ]
+
+
 # metrics.json files of later stages; each rule file appends its own evaluations
 SUMMARY_EXTRA = []
 
@@ -97,3 +150,185 @@ SUMMARY_EXTRA = []
 def summary_inputs():
     """Every evaluation whose row goes into results/summary.json."""
     return prior_metrics(PRIOR_VARIANTS, seeds=[SEED0]) + SUMMARY_EXTRA
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation (workflow/rules/segmentation.smk) and the HTML report (workflow/rules/report.smk)
+
+from pathlib import PurePath
+
+# Pseudo masks of the chain (stage 8). The affinity / random-walk stage's rule file sets
+# PSEUDO_VARIANT (e.g. "rw") when it exists, and must then be included BEFORE segmentation.smk
+# and report.smk in the Snakefile. Until then pseudo_masks_dir() FALLS BACK to the chain's
+# prior masks (written by evaluate_priors), so segmentation runs end to end today.
+PSEUDO_VARIANT = None
+
+
+def prior_masks_dir(split, seed=None):
+    """Index PNGs of the chain's prior (``cam.variant``) at its best threshold (rule evaluate_priors)."""
+    seed = SEED0 if seed is None else seed
+    return f"{RESULTS}/priors/{config['cam']['variant']}/seed{seed}/{split}/masks"
+
+
+def pseudo_masks_dir(split):
+    """Index PNGs the segmentation network trains on (the affinity stage switches these on)."""
+    if PSEUDO_VARIANT is None:
+        return prior_masks_dir(split)  # fallback until the affinity / random-walk stage exists
+    return f"{RESULTS}/pseudo_masks/{PSEUDO_VARIANT}/seed{SEED0}/{split}/masks"
+
+
+SEG = config["segmentation"]
+# variants: <arch> trains on the pseudo masks; supervised[_<arch>] on the ground truth
+SEGMENTATION_VARIANTS = r"supervised|(supervised_)?(deeplabv3plus|deeplabv2)"
+SEG_INFER_KEYS = ("scales", "flip", "crf", "crf_t")
+
+
+def segmentation_arch(variant):
+    """``supervised`` -> the configured arch; ``supervised_deeplabv2`` / ``deeplabv2`` -> deeplabv2."""
+    name = variant.removeprefix("supervised").lstrip("_")
+    return name or SEG["arch"]
+
+
+def segmentation_masks(wildcards):
+    """Training masks of a variant: ``gt`` for the supervised upper bound, else the pseudo masks."""
+    if wildcards.variant.startswith("supervised"):
+        return "gt"
+    return pseudo_masks_dir(DATASET["train_split"])
+
+
+def segmentation_train_inputs(wildcards):
+    """Named inputs of train_segmentation - the pseudo masks and, with ``init: classifier``, the classifier."""
+    out = {}
+    if not wildcards.variant.startswith("supervised"):
+        out["masks"] = pseudo_masks_dir(DATASET["train_split"])
+    if SEG["init"] == "classifier":
+        out["classifier"] = f"{RESULTS}/classifier/seed{wildcards.seed}/model.pt"
+    return out
+
+
+def segmentation_dir(variant, split, seed=None):
+    seed = SEED0 if seed is None else seed
+    return f"{RESULTS}/segmentation/{variant}/seed{seed}/{split}"
+
+
+def segmentation_metrics(variant, split, seed=None):
+    return f"{segmentation_dir(variant, split, seed)}/metrics.json"
+
+
+# report pages: the stage folder of an evaluation's metrics.json -> page name, category
+REPORT_PAGES = {
+    "priors": ("priors", "Priors"),
+    "saliency_eval": ("saliency", "Saliency"),
+    "pseudo_masks": ("pseudo_masks", "Pseudo masks"),
+    "segmentation": ("segmentation", "Segmentation"),
+}
+
+
+def report_metrics():
+    """(page, metrics.json) of every evaluation in the summary whose stage has a report page."""
+    out = []
+    for p in summary_inputs():
+        stage = PurePath(p).relative_to(RESULTS).parts[0]
+        if stage in REPORT_PAGES:
+            out.append((REPORT_PAGES[stage][0], p))
+    return out
+
+
+def report_pages():
+    """Page name -> category of the report's table pages (stages present in this run + fixed pages)."""
+    pages = {page: cat for page, cat in REPORT_PAGES.values() if page in {p for p, _ in report_metrics()}}
+    pages.update({"class_groups": "Class groups", "summary": "Summary"})
+    return pages
+
+
+def gallery_columns(split):
+    """Gallery columns present in this workflow, in ``report.gallery_columns`` order: name -> (kind, folder).
+
+    saliency needs the saliency stage (helper saliency_maps), pseudo_mask the affinity stage
+    (PSEUDO_VARIANT); a column whose stage is absent is skipped.
+    """
+    avail = {
+        "prior": ("masks", prior_masks_dir(split)),
+        "prediction": ("masks", f"{segmentation_dir(SEG['arch'], split)}/masks"),
+    }
+    if "saliency_maps" in globals():
+        avail["saliency"] = ("maps", saliency_maps(split))
+    if PSEUDO_VARIANT is not None:
+        avail["pseudo_mask"] = ("masks", pseudo_masks_dir(split))
+    return {c: avail[c] for c in config["report"]["gallery_columns"] if c in avail}
+
+
+def gallery_inputs(wildcards):
+    return {name: folder for name, (_, folder) in gallery_columns(config["report"]["gallery_split"]).items()}
+
+
+def gallery_args(wildcards):
+    cols = gallery_columns(config["report"]["gallery_split"])
+    masks = " ".join(f"{n}={f}" for n, (k, f) in cols.items() if k == "masks")
+    maps = " ".join(f"{n}={f}" for n, (k, f) in cols.items() if k == "maps")
+    return (f"--columns {' '.join(cols)}" + (f" --masks {masks}" if masks else "")
+            + (f" --maps {maps}" if maps else ""))
+
+
+def report_targets():
+    """Outputs that exist only for the HTML report (rule all requests them, so --report finds them)."""
+    return [f"{RESULTS}/report/tables/{p}.html" for p in report_pages()] + [f"{RESULTS}/report/gallery"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Affinity labels, AffinityNet, random walk, pseudo masks (workflow/rules/affinity.smk)
+
+AFF = config["affinity"]
+AFF_TRAIN_SPLIT = DATASET["train_split"]
+# chain = <prior variant>+<affinity-label method> (wildcard {chain}); the chain's own one:
+CHAIN_MASKS = f"{config['cam']['variant']}+{AFF['method']}"
+
+
+def chain_prior(wildcards):
+    return wildcards.chain.split("+")[0]
+
+
+def chain_method(wildcards):
+    return wildcards.chain.split("+")[1]
+
+
+def chain_cams(split=None):
+    """CAM folder of the chain's prior on ``split`` (default: the ``{split}`` wildcard)."""
+
+    def inner(wildcards):
+        s = split or wildcards.split
+        return f"{RESULTS}/cams/{chain_prior(wildcards)}/seed{wildcards.seed}/{s}"
+
+    return inner
+
+
+def affinity_inputs(wildcards):
+    """Named inputs of make_affinity_labels: the prior's train CAMs and, for saliency, the saliency maps."""
+    out = {"cams": chain_cams(AFF_TRAIN_SPLIT)(wildcards)}
+    if chain_method(wildcards) == "saliency":
+        out["saliency"] = saliency_maps(AFF_TRAIN_SPLIT, wildcards.seed)
+    return out
+
+
+def affinity_source(wildcards):
+    """Network whose backbone AffinityNet freezes: the ordinary classifier, the prior's CAM network, or none."""
+    init = AFF["train"]["init"]
+    if init == "classifier":
+        return {"source": f"{RESULTS}/classifier/seed{wildcards.seed}/model.pt"}
+    if init == "cam":
+        prior = chain_prior(wildcards)
+        if prior == "classifier":
+            return {"source": f"{RESULTS}/classifier/seed{wildcards.seed}/model.pt"}
+        return {"source": f"{RESULTS}/cam/{prior}/seed{wildcards.seed}/model.pt"}
+    return {}
+
+
+def mask_metrics(chains, splits=None, seeds=None):
+    """metrics.json of rule evaluate_masks for every chain × split × seed."""
+    splits = list(dict.fromkeys(splits or [DATASET["eval_split"], DATASET["val_split"]]))
+    return [
+        f"{RESULTS}/pseudo_masks/{c}/seed{s}/{sp}/metrics.json"
+        for c in chains
+        for sp in splits
+        for s in (seeds or SEEDS)
+    ]

@@ -6,7 +6,6 @@ if DATASET["name"] == "synthetic":
         output:
             meta=f"{DATASET['root']}/dataset.json",
         params:
-            root=DATASET["root"],
             args=flags(DATASET["synthetic"]),
         log:
             f"{RESULTS}/logs/make_dataset.log",
@@ -17,4 +16,4 @@ if DATASET["name"] == "synthetic":
             mem_mb=2000,
             runtime=15,
         shell:
-            "python -m pnoc.make_dataset --out {params.root} {params.args} 2> {log}"
+            "python -m pnoc.make_dataset --out $(dirname {output.meta}) {params.args} 2> {log}"

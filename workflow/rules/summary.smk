@@ -5,8 +5,8 @@ rule summary:
     input:
         summary_inputs(),
     output:
-        json=f"{RESULTS}/summary.json",
-        md=f"{RESULTS}/summary.md",
+        json=report(f"{RESULTS}/summary.json", caption="../report/summary.rst", category="Summary"),
+        md=report(f"{RESULTS}/summary.md", caption="../report/summary.rst", category="Summary"),
     params:
         root=DATASET["root"],
     log:

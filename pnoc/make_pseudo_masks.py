@@ -1,0 +1,126 @@
+"""Stage: pseudo semantic-segmentation masks from the random-walk maps (spec §9, pseudo masks).
+
+Per image: a background plane of ``bg_threshold`` (0.30) in front of the RW maps, argmax
+(ties go to the background), channel → class id through the file's ``keys``, then an
+optional label dCRF (reference runner: t = 1, gt_prob 0.9). The masks are palette PNGs
+whose indices are the class ids (0 background, 1..C; no 255), readable both as index maps
+and as VOC-coloured images. An image without classes gets an all-background mask. The
+folder is written atomically; a missing RW map raises :class:`DataError` naming the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import cli
+from .crf import crf_label
+from .data import open_dataset
+from .io import DataError, atomic_dir, load_maps, write_json, write_mask
+
+log = logging.getLogger("pnoc.make_pseudo_masks")
+
+
+@dataclass
+class Config:
+    """Pseudo masks from random-walk maps."""
+
+    dataset: str
+    root: Path
+    split: str
+    rw_dir: Path
+    out_dir: Path
+    bg_threshold: float = 0.30
+    crf: bool = True
+    crf_t: int = 1
+    crf_gt_prob: float = 0.9
+    threads: int = 1
+
+
+def pseudo_mask(maps: np.ndarray, keys: np.ndarray, bg_threshold: float, img: np.ndarray | None = None,
+                crf: dict | None = None) -> np.ndarray:
+    """Class-index mask of one image.
+
+    Args:
+        maps: (K, H, W) RW maps in [0, 1].
+        keys: (K,) class ids (1..C).
+        bg_threshold: value of the background plane; a class must exceed it to win.
+        img: uint8 (H, W, 3) RGB image (needed with ``crf``).
+        crf: keyword arguments of :func:`pnoc.crf.crf_label` (``t``, ``gt_prob``) or None.
+
+    Returns:
+        uint8 (H, W): 0 background, class ids elsewhere.
+    """
+    maps = np.asarray(maps, np.float32)
+    keys = np.asarray(keys, np.int64).reshape(-1)
+    if maps.ndim != 3 or maps.shape[0] != keys.shape[0]:
+        raise ValueError(f"maps {maps.shape} do not match keys {keys.shape}")
+    k, h, w = maps.shape
+    if k == 0:
+        return np.zeros((h, w), np.uint8)
+    stack = np.concatenate([np.full((1, h, w), bg_threshold, np.float32), maps])
+    idx = np.argmax(stack, axis=0)
+    if crf is not None:
+        if img is None:
+            raise ValueError("the CRF needs the image")
+        idx = crf_label(img, idx, k + 1, **crf)
+    lut = np.concatenate([[0], keys]).astype(np.uint8)
+    return lut[idx]
+
+
+_W: dict = {}
+
+
+def _init_worker(cfg: Config, out: Path) -> None:
+    _W["cfg"], _W["out"] = cfg, out
+    _W["ds"] = open_dataset(cfg.dataset, cfg.root, cfg.split)
+
+
+def _work(image_id: str) -> np.ndarray:
+    cfg, ds, out = _W["cfg"], _W["ds"], _W["out"]
+    path = Path(cfg.rw_dir) / f"{image_id}.npz"
+    if not path.is_file():
+        raise DataError(f"{path}: random-walk maps missing for image {image_id}; rerun rule propagate for this split")
+    z = load_maps(path)
+    hw = ds.image_size(image_id)
+    if z["maps"].shape[1:] != hw:
+        raise DataError(f"{path}: maps are {z['maps'].shape[1:]} but image {image_id} is {hw}; rerun rule propagate")
+    # writable copy: pydensecrf refuses read-only (PIL-backed) buffers
+    img = np.array(ds.read_image(image_id)) if cfg.crf else None
+    crf = {"t": cfg.crf_t, "gt_prob": cfg.crf_gt_prob} if cfg.crf else None
+    mask = pseudo_mask(z["maps"], z["keys"], cfg.bg_threshold, img, crf)
+    write_mask(out / f"{image_id}.png", mask)
+    return np.bincount(mask.reshape(-1), minlength=256)
+
+
+def run(cfg: Config) -> dict:
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    hist = np.zeros(256, np.int64)
+    with atomic_dir(cfg.out_dir) as tmp:
+        bar = tqdm(total=len(ds), desc=f"pseudo masks {cfg.split}", mininterval=10)
+        if cfg.threads > 1:
+            with mp.get_context("fork").Pool(cfg.threads, _init_worker, (cfg, tmp)) as pool:
+                for c in pool.imap(_work, ds.ids, chunksize=4):
+                    hist += c
+                    bar.update()
+        else:
+            _init_worker(cfg, tmp)
+            for image_id in ds.ids:
+                hist += _work(image_id)
+                bar.update()
+        bar.close()
+    info = {"stage": "make_pseudo_masks", "split": cfg.split, "images": len(ds), "bg_threshold": cfg.bg_threshold,
+            "crf": {"t": cfg.crf_t, "gt_prob": cfg.crf_gt_prob} if cfg.crf else None,
+            "fraction_bg": float(hist[0] / max(1, hist.sum()))}
+    log.info("%d pseudo masks (bg threshold %.2f, crf %s): background fraction %.3f", len(ds), cfg.bg_threshold,
+             info["crf"], info["fraction_bg"])
+    return info
+
+
+if __name__ == "__main__":
+    cli.main(run, Config)

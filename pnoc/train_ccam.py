@@ -1,0 +1,278 @@
+"""Stage: train C²AM (``--method c2am``) or C²AM-H (``--method c2amh``) — paper §2.4.4 and §4.
+
+The CCAM network (:mod:`pnoc.models.ccam`: backbone layer3 ⊕ layer4 → 3×3 conv → BN(1) → logit
+map z) is trained on the images of a split with
+
+* ``c2am``:  L = SimMax(v_fg) + SimMin(v_bg, v_fg) + SimMax(v_bg)  (:func:`pnoc.losses_ccam.ccam_loss`);
+* ``c2amh``: L + λ_h·L_hint, L_hint the mean BCE-with-logits of z on the pixels whose hint
+  (max over classes of the chain's CAMs, rule extract_hints) is ≥ δ_fg, target 1 − ε/2
+  (:func:`pnoc.losses_ccam.hint_loss`; a batch without hint pixels contributes 0, not NaN).
+
+Image and hint map are augmented jointly (random long-side resize, flip, crop; no colour
+augmentation, as in the reference). SGD with poly decay and the four parameter groups, bf16
+AMP on CUDA, resumable every epoch (undeclared state folder).
+
+The backbone starts from the ordinary classifier's backbone (``init: classifier``; the
+synthetic benchmark's stand-in for ImageNet weights) or from ``weights`` (``init: backbone``).
+
+**Partition direction.** Which side of σ(z) is foreground is arbitrary for plain C²AM. After
+training, :func:`pnoc.losses_ccam.decide_direction` looks at σ(z) on the first
+``direction_images`` training images: the sign of its correlation with the hints (the CAM
+foreground maps — an evaluation-free artifact) when hints are given, else the border prior.
+The decision and its evidence are STORED in the model artifact (``direction``) and in
+``metrics.json``; inference applies it (z → −z). C²AM-H is anchored by its hints and is never
+flipped (``method: hint-anchored``); the same statistic is still recorded as a check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import cli
+from .data import open_dataset
+from .data.loaders import PairedSet, epoch_loader
+from .data.transforms import Augmenter, AugmentConfig, normalize, to_tensor_image
+from .evaluation import ThresholdSweep
+from .io import DataError, write_csv, write_json
+from .losses_ccam import ccam_loss, decide_direction, hint_loss
+from .models.ccam import create_ccam
+from .saliency_utils import binary_gt, classifier_backbone_state, load_backbone_state, read_hint, thresholds
+from .training import (EpochRunner, autocast, make_optimizer, make_scaler, param_groups, poly_scheduler,
+                       resolve_device, save_weights, set_threads)
+
+log = logging.getLogger("pnoc.train_ccam")
+
+METHODS = ("c2am", "c2amh")
+DIRECTION_GRID = 32  # maps and hints are resized to this square grid before the direction test
+
+
+@dataclass
+class Config:
+    """Train C²AM / C²AM-H."""
+
+    dataset: str
+    root: Path
+    out: Path
+    metrics: Path
+    state_dir: Path
+    method: str = "c2amh"
+    hints: Path | None = None
+    classifier: Path | None = None
+    split: str = "train"
+    init: str = "classifier"
+    backbone: str = "resnet18_w24"
+    output_stride: int = 8
+    weights: str = "none"
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 0.001
+    head_lr_mult: float = 10.0
+    momentum: float = 0.0
+    weight_decay: float = 1e-4
+    crop: int = 128
+    resize_min: int = 112
+    resize_max: int = 160
+    alpha: float = 0.25
+    exclude_diagonal: bool = True
+    hint_weight: float = 1.0
+    fg_threshold: float = 0.4
+    hint_smoothing: float = 0.1
+    direction_images: int = 200
+    border: float = 0.1
+    epoch_eval_images: int = 100
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    threads: int = 0
+
+
+def build_model(cfg: Config):
+    """The CCAM network and its architecture record (backbone from the classifier or from ``weights``)."""
+    if cfg.init == "classifier":
+        if cfg.classifier is None:
+            raise DataError("init=classifier needs --classifier results/classifier/seed<k>/model.pt")
+        arch, sd = classifier_backbone_state(cfg.classifier)
+        name = arch["backbone"]
+        model = create_ccam(name, cfg.output_stride, "none")
+        load_backbone_state(model.backbone, sd, cfg.classifier)
+    elif cfg.init == "backbone":
+        name = cfg.backbone
+        model = create_ccam(name, cfg.output_stride, cfg.weights)
+    else:
+        raise ValueError(f"init {cfg.init!r}: use classifier | backbone")
+    return model, {"backbone": name, "output_stride": cfg.output_stride}
+
+
+def _by_size(ds, ids):
+    groups = defaultdict(list)
+    for i in ids:
+        groups[ds.image_size(i)].append(i)
+    return groups
+
+
+@torch.no_grad()
+def predict_small(model, ds, ids, device, batch_size: int = 32):
+    """σ(z) at the network's resolution for ``ids`` (single scale, no flip).
+
+    Yields ``(image_id, prob (h, w) tensor on CPU)``.
+    """
+    model.eval()
+    for _, chunk_ids in _by_size(ds, ids).items():
+        for i in range(0, len(chunk_ids), batch_size):
+            chunk = chunk_ids[i:i + batch_size]
+            x = torch.stack([normalize(to_tensor_image(ds.read_image(j))) for j in chunk]).to(device)
+            z, _, _ = model(x)
+            p = torch.sigmoid(z.float())[:, 0].cpu()
+            yield from zip(chunk, p)
+
+
+def direction_evidence(model, ds, ids, device, hints_dir: Path | None, border: float) -> dict:
+    """Run :func:`decide_direction` on σ(z) of ``ids`` (and their hints when given).
+
+    Maps and hints are resized to a common square grid so that images of any size pool together.
+    """
+    sal, hints = [], []
+    for image_id, p in predict_small(model, ds, ids, device):
+        sal.append(F.interpolate(p[None, None], size=(DIRECTION_GRID, DIRECTION_GRID), mode="bilinear",
+                                 align_corners=False)[0, 0])
+        if hints_dir is not None:
+            h = torch.from_numpy(read_hint(hints_dir, image_id, ds.image_size(image_id)))
+            hints.append(F.interpolate(h[None, None], size=(DIRECTION_GRID, DIRECTION_GRID), mode="bilinear",
+                                       align_corners=False)[0, 0])
+    sal_t = torch.stack(sal)
+    return decide_direction(sal_t, torch.stack(hints) if hints else None, border=border)
+
+
+@torch.no_grad()
+def quick_binary_miou(model, ds, ids, device) -> tuple[float, float]:
+    """Diagnostic: best binary fg mIoU of σ(z) (no TTA) and of 1 − σ(z) over thresholds 0.05…0.95.
+
+    Only images with a ground-truth mask count. Returns ``(miou, miou_flipped)``.
+    """
+    ths = thresholds(0.05, 0.95, 0.05)
+    sw, sw_flip = ThresholdSweep(2, ths), ThresholdSweep(2, ths)
+    ids = [i for i in ids if ds.mask_path(i).is_file()]
+    if not ids:
+        return float("nan"), float("nan")
+    keys = np.array([1])
+    for image_id, p in predict_small(model, ds, ids, device):
+        hw = ds.image_size(image_id)
+        full = F.interpolate(p[None, None], size=hw, mode="bilinear", align_corners=False)[0].numpy()
+        gt = binary_gt(ds.read_mask(image_id, hw))
+        sw.update(full, keys, gt)
+        sw_flip.update(1.0 - full, keys, gt)
+    model.train()
+    best = lambda s: max(r["miou"] for r in s.results())  # noqa: E731
+    return best(sw), best(sw_flip)
+
+
+def run(cfg: Config) -> dict:
+    if cfg.method not in METHODS:
+        raise ValueError(f"method {cfg.method!r}: use one of {METHODS}")
+    if cfg.method == "c2amh" and cfg.hints is None:
+        raise DataError("method c2amh needs --hints <folder written by rule extract_hints>")
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    hints_dir = Path(cfg.hints) if cfg.hints is not None else None
+    if hints_dir is not None and not hints_dir.is_dir():
+        raise DataError(f"{hints_dir}: hints folder not found; run rule extract_hints for split {cfg.split}")
+
+    def load_aux(image_id: str, hw: tuple[int, int]) -> list[np.ndarray]:
+        # the hint map travels with the image through resize/flip/crop (bilinear, pad 0)
+        if cfg.method != "c2amh":
+            return []
+        return [read_hint(hints_dir, image_id, hw)[None]]
+
+    aug = Augmenter(AugmentConfig(cfg.crop, (cfg.resize_min, cfg.resize_max), True, "none"))
+    train_set = PairedSet(ds, aug, load_aux, need_labels=False)
+    torch.manual_seed(cfg.seed)
+    model, arch = build_model(cfg)
+    model = model.to(device)
+    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    opt = make_optimizer(param_groups(model.backbone_parameters(), model.new_parameters(), cfg.lr, cfg.weight_decay,
+                                      new_lr_mult=cfg.head_lr_mult), "sgd", momentum=cfg.momentum)
+    sched = poly_scheduler(opt, steps_per_epoch * cfg.epochs)
+    scaler = make_scaler(device, cfg.amp)
+    conf = {k: str(v) for k, v in asdict(cfg).items()
+            if k not in ("out", "metrics", "state_dir", "num_workers", "threads", "direction_images", "border",
+                         "epoch_eval_images")}
+    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, model=model, opt=opt, sched=sched, scaler=scaler)
+    eval_ids = ds.ids[:cfg.epoch_eval_images] if cfg.epoch_eval_images > 0 else list(ds.ids)
+    log.info("%s on %s/%s: %d images, %d steps/epoch, %d epochs, backbone %s (init %s), device %s", cfg.method,
+             cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, arch["backbone"], cfg.init, device)
+    t_train, n_steps = 0.0, 0
+    for epoch in runner:
+        model.train()
+        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
+                              pin_memory=device.type == "cuda")
+        sums: dict[str, float] = defaultdict(float)
+        n = 0
+        t0 = time.perf_counter()
+        for batch in tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
+            x = batch[0].to(device, non_blocking=True)
+            with autocast(device, cfg.amp):
+                z, v_fg, v_bg = model(x)
+            loss, parts = ccam_loss(v_fg, v_bg, cfg.alpha, cfg.exclude_diagonal)
+            if cfg.method == "c2amh":
+                l_hint, n_px = hint_loss(z, batch[1].to(device, non_blocking=True), cfg.fg_threshold,
+                                         cfg.hint_smoothing)
+                loss = loss + cfg.hint_weight * l_hint
+                sums["hint"] += l_hint.item()
+                sums["hint_fraction"] += n_px / z[:, 0].numel()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {n}: {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            for k, v in parts.items():
+                sums[k] += v.item()
+            sums["loss"] += loss.item()
+            n += 1
+        dt = time.perf_counter() - t0
+        t_train += dt
+        n_steps += n
+        row = {k: v / max(1, n) for k, v in sums.items()}
+        row["seconds_per_iteration"] = dt / max(1, n)
+        row["lr"] = opt.param_groups[0]["lr"]
+        if cfg.epoch_eval_images >= 0:
+            m, mf = quick_binary_miou(model, ds, eval_ids, device)
+            row["binary_miou_no_tta"], row["binary_miou_no_tta_flipped"] = m, mf
+        runner.log(epoch, row)
+
+    ids = ds.ids[:cfg.direction_images] if cfg.direction_images > 0 else list(ds.ids)
+    evidence = direction_evidence(model, ds, ids, device, hints_dir, cfg.border)
+    if cfg.method == "c2amh":
+        direction = {"flip": False, "method": "hint-anchored", "check": evidence}
+        if evidence["method"] == "hints" and evidence["correlation"] < 0:
+            log.warning("C2AM-H map anti-correlates with its own hints (r=%.3f): training failed to anchor",
+                        evidence["correlation"])
+    else:
+        direction = dict(evidence)
+    log.info("direction: flip=%s (%s; correlation %s, border-on %.3f over %d images)", direction["flip"],
+             direction["method"], evidence["correlation"], evidence["border_on_fraction"], evidence["n_images"])
+    save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "method": cfg.method, "direction": direction,
+                           "init": cfg.init})
+    hist = runner.history
+    metrics = {"stage": "train_ccam", "method": cfg.method, "epochs": hist, "final": hist[-1] if hist else {},
+               "resumed_from_epoch": runner.start_epoch, "direction": direction, "arch": arch,
+               "seconds_per_iteration": t_train / n_steps if n_steps else None, "train_seconds": t_train}
+    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
+    write_json(cfg.metrics, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    cli.main(run, Config)

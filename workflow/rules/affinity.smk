@@ -1,0 +1,169 @@
+# Stage 7-8: affinity labels, AffinityNet, random walk, pseudo masks (paper section 5 and 7.3,
+# Table 7; reference spec sections 8-9).
+#
+# chain = <prior variant>+<affinity-label method>, e.g. pnoc_ls+saliency, poc+classic
+#
+#   results/affinity_labels/{chain}/seed{seed}/<train split>/   <id>.png (0 bg, 1..C, 255) + summary.json
+#   results/affinity/{chain}/seed{seed}/model.pt                  AffinityNet (+ metrics.json)
+#   results/rw/{chain}/seed{seed}/{split}/                        <id>.npz random-walk maps (save_maps)
+#   results/pseudo_masks/{chain}/seed{seed}/{split}/masks/        <id>.png pseudo masks (palette = class ids)
+#   results/pseudo_masks/{chain}/seed{seed}/{split}/metrics.json  mIoU vs GT (+ the prior's mIoU)
+#   results/tables/masks.{md,csv}                                 `snakemake masks_table` (Table 7)
+
+# the chain's pseudo masks: segmentation trains on them (pseudo_masks_dir() in common.smk)
+PSEUDO_VARIANT = CHAIN_MASKS
+
+
+wildcard_constraints:
+    chain=r"[a-z0-9_]+\+(classic|saliency)",
+
+
+rule make_affinity_labels:
+    input:
+        dataset_marker(),
+        unpack(affinity_inputs),
+    output:
+        labels=directory(f"{RESULTS}/affinity_labels/{{chain}}/seed{{seed}}/{AFF_TRAIN_SPLIT}"),
+    params:
+        data=dataset_args(),
+        split=AFF_TRAIN_SPLIT,
+        method=chain_method,
+        saliency=lambda w, input: f"--saliency-dir {input.saliency}" if "saliency" in input.keys() else "",
+        args=lambda w: f"{flags(AFF['labels'][chain_method(w)])} {flags(AFF['labels'])}",
+    log:
+        f"{RESULTS}/logs/make_affinity_labels/{{chain}}-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.make_affinity_labels {params.data} --split {params.split} --method {params.method}"
+        " --cams-dir {input.cams} {params.saliency} --out-dir {output.labels} --threads {threads}"
+        " {params.args} 2> {log}"
+
+
+rule train_affinity:
+    input:
+        dataset_marker(),
+        unpack(affinity_source),
+        labels=f"{RESULTS}/affinity_labels/{{chain}}/seed{{seed}}/{AFF_TRAIN_SPLIT}",
+    output:
+        model=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/metrics.json",
+    params:
+        data=dataset_args(),
+        split=AFF_TRAIN_SPLIT,
+        source=lambda w, input: f"--source-model {input.source}" if "source" in input.keys() else "",
+        args=flags(AFF["train"]),
+        state=lambda w: state_dir("affinity", w.chain, f"seed{w.seed}"),
+        device=config["device"],
+        workers=config["workers"],
+    log:
+        f"{RESULTS}/logs/train_affinity/{{chain}}-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_train,
+        runtime=runtime_train,
+    shell:
+        "python -m pnoc.train_affinity {params.data} --split {params.split} --labels {input.labels}"
+        " {params.source} --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
+        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
+        " --threads {threads} {params.args} 2> {log}"
+
+
+rule propagate:
+    input:
+        dataset_marker(),
+        model=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/model.pt",
+        cams=chain_cams(),
+    output:
+        rw=directory(f"{RESULTS}/rw/{{chain}}/seed{{seed}}/{{split}}"),
+    params:
+        data=dataset_args(),
+        args=flags(AFF["rw"]),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/propagate/{{chain}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.propagate {params.data} --split {wildcards.split} --model {input.model}"
+        " --cams-dir {input.cams} --out-dir {output.rw} --device {params.device} --threads {threads}"
+        " {params.args} 2> {log}"
+
+
+rule make_pseudo_masks:
+    input:
+        dataset_marker(),
+        rw=f"{RESULTS}/rw/{{chain}}/seed{{seed}}/{{split}}",
+    output:
+        masks=directory(f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks"),
+    params:
+        data=dataset_args(),
+        args=flags(AFF["masks"]),
+    log:
+        f"{RESULTS}/logs/make_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.make_pseudo_masks {params.data} --split {wildcards.split} --rw-dir {input.rw}"
+        " --out-dir {output.masks} --threads {threads} {params.args} 2> {log}"
+
+
+rule evaluate_masks:
+    input:
+        dataset_marker(),
+        masks=f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks",
+        prior=lambda w: f"{RESULTS}/priors/{chain_prior(w)}/seed{w.seed}/{w.split}/metrics.json",
+    output:
+        metrics=f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/metrics.json",
+        table=f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/metrics.md",
+    params:
+        data=dataset_args(),
+    log:
+        f"{RESULTS}/logs/evaluate_masks/{{chain}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.evaluate_masks {params.data} --split {wildcards.split} --variant {wildcards.chain}"
+        " --masks-dir {input.masks} --prior-metrics {input.prior} --out {output.metrics} 2> {log}"
+
+
+rule masks_table:
+    input:
+        metrics=mask_metrics([f"{p}+{m}" for p in AFF["table_priors"] for m in AFF["table_methods"]]),
+    output:
+        md=f"{RESULTS}/tables/masks.md",
+        csv=f"{RESULTS}/tables/masks.csv",
+    log:
+        f"{RESULTS}/logs/masks_table.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m pnoc.masks_table --out {output.md} --metrics {input.metrics} 2> {log} && cat {output.md}"
+
+
+# the default chain's pseudo masks (eval and val splits) go into results/summary.json
+SUMMARY_EXTRA.extend(mask_metrics([CHAIN_MASKS], seeds=[SEED0]))

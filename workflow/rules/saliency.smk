@@ -1,0 +1,215 @@
+# Stage 5-6: saliency from weak supervision — hints, C2AM / C2AM-H, pseudo-saliency masks,
+# PoolNet, evaluation (paper sections 4 and 7.2, Table 6).
+#
+#   results/hints/{variant}/seed{seed}/{split}/           <id>.png hints + summary.json
+#   results/ccam/{method}/seed{seed}/model.pt             method = c2am | c2amh (direction stored)
+#   results/saliency/{method}/seed{seed}/{split}/raw/     <id>.npz C2AM maps (P.)
+#   results/saliency/{method}/seed{seed}/{split}/pseudo/  <id>.png 0/255 pseudo-saliency masks
+#   results/poolnet/{method}/seed{seed}/model.pt
+#   results/saliency/{method}/seed{seed}/{split}/poolnet/ <id>.png 0..255 final maps (R.)
+#   results/saliency_eval/{variant}/seed{seed}/{split}/metrics.json   variant = <method>[_raw]
+#
+# Helpers (SAL, SAL_PRIOR, saliency_*) live in common.smk.
+
+
+rule extract_hints:
+    input:
+        dataset_marker(),
+        cams=f"{RESULTS}/cams/{{variant}}/seed{{seed}}/{{split}}",
+    output:
+        hints=directory(f"{RESULTS}/hints/{{variant}}/seed{{seed}}/{{split}}"),
+    params:
+        data=dataset_args(),
+        args=flags({k: SAL[k] for k in ("fg_threshold", "bg_threshold")}),
+    log:
+        f"{RESULTS}/logs/extract_hints/{{variant}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.extract_hints {params.data} --split {wildcards.split} --cams-dir {input.cams}"
+        " --out-dir {output.hints} {params.args} 2> {log}"
+
+
+rule train_ccam:
+    input:
+        dataset_marker(),
+        hints=saliency_hints,
+        classifier=saliency_classifier("ccam"),
+    output:
+        model=f"{RESULTS}/ccam/{{method}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/ccam/{{method}}/seed{{seed}}/metrics.json",
+    wildcard_constraints:
+        method=r"c2amh?",
+    params:
+        data=dataset_args(),
+        split=DATASET["train_split"],
+        fg=SAL["fg_threshold"],
+        classifier=saliency_classifier_flag("ccam"),
+        args=flags(SAL["ccam"]),
+        state=lambda w: state_dir("ccam", w.method, f"seed{w.seed}"),
+        device=config["device"],
+        workers=config["workers"],
+    log:
+        f"{RESULTS}/logs/train_ccam/{{method}}-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_train,
+        runtime=runtime_train,
+    shell:
+        "python -m pnoc.train_ccam {params.data} --split {params.split} --method {wildcards.method}"
+        " --hints {input.hints} {params.classifier} --fg-threshold {params.fg}"
+        " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
+        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
+        " --threads {threads} {params.args} 2> {log}"
+
+
+rule infer_saliency:
+    input:
+        dataset_marker(),
+        model=f"{RESULTS}/ccam/{{method}}/seed{{seed}}/model.pt",
+    output:
+        raw=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/raw"),
+        pseudo=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/pseudo"),
+    wildcard_constraints:
+        method=r"c2amh?",
+    params:
+        data=dataset_args(),
+        args=flags(SAL["inference"]),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/infer_saliency/{{method}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.infer_saliency {params.data} --split {wildcards.split} --model {input.model}"
+        " --raw-dir {output.raw} --pseudo-dir {output.pseudo} --device {params.device}"
+        " --threads {threads} {params.args} 2> {log}"
+
+
+rule train_poolnet:
+    input:
+        dataset_marker(),
+        masks=f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{DATASET['train_split']}/pseudo",
+        classifier=saliency_classifier("poolnet"),
+    output:
+        model=f"{RESULTS}/poolnet/{{method}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/poolnet/{{method}}/seed{{seed}}/metrics.json",
+    wildcard_constraints:
+        method=r"c2amh?",
+    params:
+        data=dataset_args(),
+        split=DATASET["train_split"],
+        classifier=saliency_classifier_flag("poolnet"),
+        args=flags(SAL["poolnet"], exclude=("flip",)),
+        state=lambda w: state_dir("poolnet", w.method, f"seed{w.seed}"),
+        device=config["device"],
+        workers=config["workers"],
+    log:
+        f"{RESULTS}/logs/train_poolnet/{{method}}-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_train,
+        runtime=runtime_train,
+    shell:
+        "python -m pnoc.train_poolnet {params.data} --split {params.split} --masks {input.masks}"
+        " {params.classifier} --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
+        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
+        " --threads {threads} {params.args} 2> {log}"
+
+
+rule infer_poolnet:
+    input:
+        dataset_marker(),
+        model=f"{RESULTS}/poolnet/{{method}}/seed{{seed}}/model.pt",
+    output:
+        maps=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/poolnet"),
+    wildcard_constraints:
+        method=r"c2amh?",
+    params:
+        data=dataset_args(),
+        args=flags({"flip": SAL["poolnet"]["flip"], "batch_size": SAL["inference"]["batch_size"]}),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/infer_poolnet/{{method}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.infer_poolnet {params.data} --split {wildcards.split} --model {input.model}"
+        " --out-dir {output.maps} --device {params.device} --threads {threads} {params.args} 2> {log}"
+
+
+rule evaluate_saliency:
+    input:
+        dataset_marker(),
+        maps=saliency_eval_maps,
+        cams=f"{RESULTS}/cams/{SAL_PRIOR}/seed{{seed}}/{{split}}",
+    output:
+        metrics=f"{RESULTS}/saliency_eval/{{variant}}/seed{{seed}}/{{split}}/metrics.json",
+        table=f"{RESULTS}/saliency_eval/{{variant}}/seed{{seed}}/{{split}}/metrics.md",
+        masks=directory(f"{RESULTS}/saliency_eval/{{variant}}/seed{{seed}}/{{split}}/masks"),
+    wildcard_constraints:
+        variant=r"c2amh?(_raw)?",
+    params:
+        data=dataset_args(),
+        fmt=lambda w: "npz" if w.variant.endswith("_raw") else "png",
+        prior=SAL_PRIOR,
+        args=flags(SAL["evaluation"]),
+    log:
+        f"{RESULTS}/logs/evaluate_saliency/{{variant}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.evaluate_saliency {params.data} --split {wildcards.split} --variant {wildcards.variant}"
+        " --maps-dir {input.maps} --maps-format {params.fmt} --cams-dir {input.cams} --cam-variant {params.prior}"
+        " --out {output.metrics} --masks-dir {output.masks} {params.args} 2> {log}"
+
+
+rule saliency_table:
+    input:
+        metrics=saliency_metrics([f"{m}{k}" for m in SAL["table_methods"] for k in ("_raw", "")]),
+        hints=[f"{RESULTS}/hints/{SAL_PRIOR}/seed{s}/{DATASET['train_split']}" for s in SEEDS],
+        training=[f"{RESULTS}/ccam/{m}/seed{s}/metrics.json" for m in SAL["table_methods"] for s in SEEDS],
+    output:
+        md=f"{RESULTS}/tables/saliency.md",
+        csv=f"{RESULTS}/tables/saliency.csv",
+    params:
+        hints=lambda w, input: " ".join(f"{h}/summary.json" for h in input.hints),
+    log:
+        f"{RESULTS}/logs/saliency_table.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m pnoc.saliency_table --out {output.md} --metrics {input.metrics} --hints {params.hints}"
+        " --training {input.training} 2> {log} && cat {output.md}"
+
+
+# the default chain's saliency (raw maps and PoolNet) goes into results/summary.json
+SUMMARY_EXTRA.extend(saliency_metrics([f"{SAL['method']}_raw", SAL["method"]], seeds=[SEED0]))

@@ -1,0 +1,105 @@
+# Stage 9: semantic segmentation on the pseudo masks (paper section 6.3, reference spec section 10).
+#
+#   results/segmentation/{variant}/seed{seed}/model.pt, metrics.json     training (last epoch kept)
+#   results/segmentation/{variant}/seed{seed}/{split}/masks/             <id>.png class indices
+#                                                  (+ submission/ VOC palette PNGs for split test)
+#   results/segmentation/{variant}/seed{seed}/{split}/metrics.{json,md}  mIoU vs ground truth
+#
+# variant: deeplabv3plus | deeplabv2 train on pseudo_masks_dir() of the training split;
+# supervised (segmentation.arch) | supervised_deeplabv3plus | supervised_deeplabv2 train on the
+# ground truth (the fully supervised upper bound).
+
+
+rule train_segmentation:
+    input:
+        dataset_marker(),
+        unpack(segmentation_train_inputs),
+    output:
+        model=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/metrics.json",
+    wildcard_constraints:
+        variant=SEGMENTATION_VARIANTS,
+    params:
+        data=dataset_args(),
+        split=DATASET["train_split"],
+        arch=lambda w: segmentation_arch(w.variant),
+        masks=segmentation_masks,
+        init=lambda w, input: f"--classifier {input.classifier}" if input.get("classifier") else "",
+        args=flags(SEG, exclude=("arch", "init", "supervised") + SEG_INFER_KEYS),
+        state=lambda w: state_dir("segmentation", w.variant, f"seed{w.seed}"),
+        device=config["device"],
+        workers=config["workers"],
+    log:
+        f"{RESULTS}/logs/train_segmentation/{{variant}}-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_train,
+        runtime=runtime_train,
+    shell:
+        "python -m pnoc.train_segmentation {params.data} --split {params.split} --variant {wildcards.variant}"
+        " --arch {params.arch} --masks-dir {params.masks} {params.init}"
+        " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
+        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
+        " --threads {threads} {params.args} 2> {log}"
+
+
+rule infer_segmentation:
+    input:
+        dataset_marker(),
+        model=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/model.pt",
+    output:
+        masks=directory(f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/masks"),
+    wildcard_constraints:
+        variant=SEGMENTATION_VARIANTS,
+    params:
+        data=dataset_args(),
+        args=flags({k: SEG[k] for k in SEG_INFER_KEYS}),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/infer_segmentation/{{variant}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.infer_segmentation {params.data} --split {wildcards.split} --model {input.model}"
+        " --out-dir {output.masks} --device {params.device} --threads {threads} {params.args} 2> {log}"
+
+
+rule evaluate_segmentation:
+    input:
+        dataset_marker(),
+        masks=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/masks",
+    output:
+        metrics=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/metrics.json",
+        table=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/metrics.md",
+    wildcard_constraints:
+        variant=SEGMENTATION_VARIANTS,
+    params:
+        data=dataset_args(),
+    log:
+        f"{RESULTS}/logs/evaluate_segmentation/{{variant}}-seed{{seed}}-{{split}}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.evaluate_segmentation {params.data} --split {wildcards.split} --variant {wildcards.variant}"
+        " --masks-dir {input.masks} --out {output.metrics} 2> {log}"
+
+
+# the chain's segmentation (val and the evaluated training split) and, optionally, the fully
+# supervised upper bound on val go into results/summary.json
+SUMMARY_EXTRA.extend(
+    [segmentation_metrics(SEG["arch"], DATASET["val_split"])]
+    + [segmentation_metrics(SEG["arch"], DATASET["eval_split"])]
+    + ([segmentation_metrics("supervised", DATASET["val_split"])] if SEG["supervised"] else [])
+)
