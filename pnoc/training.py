@@ -258,7 +258,31 @@ class EpochRunner:
         self.history: list[dict] = []
         self.start_epoch = 0
 
+    def _drop_finished_state_of_other_config(self) -> None:
+        """A *finished* training's state written under another configuration is discarded.
+
+        Snakemake reruns a training rule whose parameters changed; that rerun must train from
+        scratch, not fail on the config guard. An unfinished state of another configuration is
+        still refused by :meth:`Checkpointer.restore` (it would mix two trainings).
+        """
+        path = self.ckpt.path
+        if not path.is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if state.get("_config") == self.ckpt.config:
+            return
+        finished = state.get("_extra", {}).get("finished")
+        if finished is None:  # older states: finished when the stored epoch is the stored config's last
+            try:
+                finished = int(state["_config"]["epochs"]) == state["_epoch"] + 1
+            except (KeyError, TypeError, ValueError):
+                finished = False
+        if finished:
+            log.info("%s: finished training of another configuration; training from scratch", path)
+            self.ckpt.clear()
+
     def __iter__(self):
+        self._drop_finished_state_of_other_config()
         start, extra = self.ckpt.restore(**self.objects)
         self.history = list(extra.get("history", []))
         self.start_epoch = start
@@ -266,7 +290,8 @@ class EpochRunner:
             for epoch in range(start, self.epochs):
                 seed_everything(epoch_seed(self.seed, epoch))
                 yield epoch
-                self.ckpt.save(epoch, extra={"history": self.history}, **self.objects)
+                self.ckpt.save(epoch, extra={"history": self.history, "finished": epoch + 1 == self.epochs},
+                               **self.objects)
                 if flag["stop"] and epoch + 1 < self.epochs:
                     log.warning("stopping after epoch %d on request; rerun to resume", epoch + 1)
                     raise SystemExit(75)

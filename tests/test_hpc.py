@@ -191,7 +191,8 @@ def test_smoke_dag_through_slurm_equals_local(slurm_cluster, smoke_run, tmp_path
 
     wd = workdir(tmp_path)
     run = slurm_util.run_snakemake_slurm(
-        wd, ["--snakefile", SNAKEFILE, "--configfile", str(cfg)], timeout=1500, log=tmp_path / "slurm-smoke.log"
+        wd, ["--snakefile", SNAKEFILE, "--configfile", str(cfg)], timeout=1500, log=tmp_path / "slurm-smoke.log",
+        env=venv_env(),  # --export=ALL: the jobs' `python` must be the venv's, as in the local run
     )
     print(f"[slurm] smoke DAG: rc={run.returncode} in {run.elapsed:.0f} s, {len(run.sbatch_lines)} sbatch "
           f"jobs (cluster start {slurm_cluster.start_seconds:.1f} s); log {run.log}")
@@ -247,16 +248,19 @@ def test_scancel_of_training_job_resumes_exactly(slurm_cluster, smoke_run, tmp_p
     target_s = str(res_s / "classifier/seed0/metrics.json")
     state = res_s / ".state/classifier/seed0/last.pt"
     wd = workdir(tmp_path)
-    args = ["--snakefile", SNAKEFILE, "--configfile", str(cfg_s), target_s]
+    # targets first: --configfile takes every following word as another config file
+    args = [target_s, "--snakefile", SNAKEFILE, "--configfile", str(cfg_s)]
 
-    proc, log = slurm_util.start_snakemake_slurm(wd, args, timeout=600, log=tmp_path / "cancelled.log")
+    proc, log = slurm_util.start_snakemake_slurm(wd, args, timeout=600, log=tmp_path / "cancelled.log",
+                                                 env=venv_env())
     try:
-        # the job's --comment is rule_<rule>_wildcards_<wildcard values>
-        jobid = slurm_util.wait_for_job("train_classifier_wildcards_0", "RUNNING", timeout=300)
-        deadline = time.monotonic() + 300
+        # wait for the first epoch checkpoint of the running job (its --comment is
+        # rule_<rule>_wildcards_<wildcard values>)
+        deadline = time.monotonic() + 400
         while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        assert state.exists(), "no epoch checkpoint appeared"
+        assert state.exists(), "no epoch checkpoint appeared:\n" + log.read_text()[-3000:]
+        jobid = slurm_util.wait_for_job("train_classifier_wildcards_0", "RUNNING", timeout=10)
     except BaseException:
         proc.send_signal(signal.SIGINT)
         slurm_util.finish_run(proc, log, grace=120)
@@ -274,7 +278,7 @@ def test_scancel_of_training_job_resumes_exactly(slurm_cluster, smoke_run, tmp_p
     checkpointed = torch.load(state, map_location="cpu", weights_only=False)["_epoch"] + 1
     assert 1 <= checkpointed < epochs
 
-    second = slurm_util.run_snakemake_slurm(wd, args, timeout=600, log=tmp_path / "rerun.log")
+    second = slurm_util.run_snakemake_slurm(wd, args, timeout=600, log=tmp_path / "rerun.log", env=venv_env())
     print(f"[slurm] rerun: rc={second.returncode} in {second.elapsed:.0f} s, "
           f"jobs {[sbatch_rule(ln) for ln in second.sbatch_lines]}")
     assert not second.timed_out, second.tail()
@@ -283,8 +287,8 @@ def test_scancel_of_training_job_resumes_exactly(slurm_cluster, smoke_run, tmp_p
     resumed = json.loads(Path(target_s).read_text())["resumed_from_epoch"]
 
     # the uninterrupted reference: same config and seed, local executor, same threads (2)
-    snakemake(["--cores", "2", "--snakefile", SNAKEFILE, "--configfile", str(cfg_l),
-               str(res_l / "classifier/seed0/metrics.json")], cwd=wd)
+    snakemake([str(res_l / "classifier/seed0/metrics.json"), "--cores", "2", "--snakefile", SNAKEFILE,
+               "--configfile", str(cfg_l)], cwd=wd)
     ref = json.loads((res_l / "classifier/seed0/metrics.json").read_text())
     assert ref["resumed_from_epoch"] == 0
     same_metrics = classifier_epochs(Path(target_s)) == classifier_epochs(res_l / "classifier/seed0/metrics.json")
@@ -306,11 +310,12 @@ def test_controller_kill9_then_rerun_incomplete_finishes_rest(smoke_run, tmp_pat
     cfg = derived_config(tmp_path, "cfg.yaml", res, smoke_dataset(smoke_run))
     target = str(res / "priors/pnoc_ls/seed0/train/metrics.json")  # classifier -> cam -> CAMs -> priors
     wd = workdir(tmp_path)
+    # targets go first: --configfile takes every following word as another config file
     base = ["--cores", "2", "--snakefile", SNAKEFILE, "--configfile", str(cfg)]
     log = tmp_path / "killed.log"
     exe = shutil.which("snakemake", path=venv_env()["PATH"])
     with open(log, "w") as fh:
-        proc = subprocess.Popen([exe, *base, target], cwd=wd, env=venv_env(), stdout=fh,
+        proc = subprocess.Popen([exe, target, *base], cwd=wd, env=venv_env(), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     model = res / "classifier/seed0/model.pt"
     deadline = time.monotonic() + 600
@@ -335,10 +340,10 @@ def test_controller_kill9_then_rerun_incomplete_finishes_rest(smoke_run, tmp_pat
     killed_log = log.read_text()
     assert not Path(target).exists(), "the DAG had finished before the kill"
 
-    locked = snakemake([*base, target], cwd=wd, check=False)
+    locked = snakemake([target, *base], cwd=wd, check=False)
     assert locked.returncode != 0 and "cannot be locked" in locked.stdout, locked.stdout[-3000:]
     snakemake([*base, "--unlock"], cwd=wd)
-    rerun = snakemake([*base, "--rerun-incomplete", target], cwd=wd)
+    rerun = snakemake([target, "--rerun-incomplete", *base], cwd=wd)
     (tmp_path / "rerun.log").write_text(rerun.stdout)
     print(f"[kill -9] finished before the kill: {finished_rules(killed_log)}; "
           f"rerun planned {job_stats(rerun.stdout)}, finished {finished_rules(rerun.stdout)}")
@@ -348,7 +353,7 @@ def test_controller_kill9_then_rerun_incomplete_finishes_rest(smoke_run, tmp_pat
     assert "train_classifier" not in finished_rules(rerun.stdout)
     assert {"train_cam", "infer_cams", "evaluate_priors"} <= set(finished_rules(rerun.stdout))
     assert stat_of(model) == before, "the classifier model was rewritten"
-    assert nothing_to_do(snakemake([*base, "-n", target], cwd=wd).stdout)
+    assert nothing_to_do(snakemake([target, "-n", *base], cwd=wd).stdout)
 
 
 # ----------------------------------------------------------- (d) regenerate one artifact with -f
@@ -374,7 +379,7 @@ def test_force_regenerates_only_the_requested_artifact(smoke_run, tmp_path):
     old = {p.name: p.read_bytes() for p in cams.glob("*.npz")}
     assert old
 
-    run = snakemake([*base, "-f", str(cams)], cwd=wd)
+    run = snakemake(["-f", str(cams), *base], cwd=wd)
     print(f"[-f] planned {job_stats(run.stdout)}, finished {finished_rules(run.stdout)}")
     assert job_stats(run.stdout) == {"infer_cams": 1}
     assert finished_rules(run.stdout) == ["infer_cams"]
@@ -501,3 +506,33 @@ def test_paper_config_dry_run(name, tmp_path):
     assert used and used <= _dataset_splits(name, root), (used, _dataset_splits(name, root))
     assert {cfg["dataset"][k] for k in ("train_split", "eval_split", "val_split")} <= used
     assert str(root) in p.stdout and str(tmp_path / "results") in p.stdout
+
+
+# ---------------------------------------- a config change reruns a finished training from scratch
+def test_changed_config_retrains_instead_of_refusing_finished_state(tmp_path):
+    """Snakemake reruns a training rule whose parameters changed: the finished resume state of the
+    old configuration must give way (train from scratch); an unfinished one is still refused, and a
+    finished one of the same configuration is restored (nothing left to train)."""
+    from pnoc.training import EpochRunner
+
+    def train(config, epochs):
+        model = torch.nn.Linear(2, 1)
+        runner = EpochRunner(tmp_path / "state", config, epochs, seed=0, model=model)
+        ran = []
+        for epoch in runner:
+            ran.append(epoch)
+            runner.log(epoch, {"loss": float(epoch)})
+        return runner.start_epoch, ran
+
+    assert train({"epochs": "2", "lr": "0.1"}, 2) == (0, [0, 1])
+    assert train({"epochs": "2", "lr": "0.1"}, 2) == (2, [])        # same config: restored, finished
+    assert train({"epochs": "2", "lr": "0.2"}, 2) == (0, [0, 1])    # changed config: from scratch
+    # an unfinished state (killed after epoch 1 of 3) of another configuration is refused
+    runner = EpochRunner(tmp_path / "state2", {"epochs": "3", "lr": "0.1"}, 3, seed=0, model=torch.nn.Linear(2, 1))
+    for epoch in runner:
+        if epoch == 1:  # killed during epoch 2: the checkpoint of epoch 1 exists
+            break
+        runner.log(epoch, {"loss": 0.0})
+    assert (tmp_path / "state2" / "last.pt").is_file()
+    with pytest.raises(RuntimeError, match="different configuration"):
+        list(EpochRunner(tmp_path / "state2", {"epochs": "3", "lr": "0.2"}, 3, seed=0, model=torch.nn.Linear(2, 1)))
