@@ -7,6 +7,11 @@ map z) is trained on the images of a split with
 * ``c2amh``: L + λ_h·L_hint, L_hint the mean BCE-with-logits of z on the pixels whose hint
   (max over classes of the chain's CAMs, rule extract_hints) is ≥ δ_fg, target 1 − ε/2
   (:func:`pnoc.losses_ccam.hint_loss`; a batch without hint pixels contributes 0, not NaN).
+  Optional extension (``bg_hint_weight`` > 0; 0 = paper and reference): + λ_bg·L_bg, the same
+  BCE towards ε/2 on the pixels whose hint is ≤ δ_bg — the background hints of the paper's
+  Fig. 4, present only as commented-out code in the reference. The fg-only loss leaves the
+  side of z away from the hints unconstrained; where the CAMs are weak (the synthetic demo)
+  the background hints are the more precise ones.
 
 Image and hint map are augmented jointly (random long-side resize, flip, crop; no colour
 augmentation, as in the reference). SGD with poly decay and the four parameter groups, bf16
@@ -15,10 +20,10 @@ AMP on CUDA, resumable every epoch (undeclared state folder).
 The backbone starts from the ordinary classifier's backbone (``init: classifier``; the
 synthetic benchmark's stand-in for ImageNet weights) or from ``weights`` (``init: backbone``).
 
-**Partition direction.** Which side of σ(z) is foreground is arbitrary for plain C²AM. After
-training, :func:`pnoc.losses_ccam.decide_direction` looks at σ(z) on the first
-``direction_images`` training images: the sign of its correlation with the hints (the CAM
-foreground maps — an evaluation-free artifact) when hints are given, else the border prior.
+**Partition direction.** Which side of z is foreground is arbitrary for plain C²AM. After
+training, :func:`pnoc.losses_ccam.decide_direction` looks at the inference map ReLU(z)/max of
+the first ``direction_images`` training images: the sign of its correlation with the hints (the
+CAM foreground maps — an evaluation-free artifact) when hints are given, else the border prior.
 The decision and its evidence are STORED in the model artifact (``direction``) and in
 ``metrics.json``; inference applies it (z → −z). C²AM-H is anchored by its hints and is never
 flipped (``method: hint-anchored``); the same statistic is still recorded as a check.
@@ -85,6 +90,8 @@ class Config:
     exclude_diagonal: bool = True
     hint_weight: float = 1.0
     fg_threshold: float = 0.4
+    bg_hint_weight: float = 0.0
+    bg_threshold: float = 0.1
     hint_smoothing: float = 0.1
     direction_images: int = 200
     border: float = 0.1
@@ -120,44 +127,75 @@ def _by_size(ds, ids):
     return groups
 
 
+def background_hint_loss(z: torch.Tensor, hint: torch.Tensor, bg_thr: float = 0.1,
+                         smoothing: float = 0.1) -> tuple[torch.Tensor, int]:
+    """Mean BCE-with-logits of z towards ε/2 on the pixels whose hint is ≤ δ_bg (optional extension).
+
+    Implemented as :func:`pnoc.losses_ccam.hint_loss` on (−z, 1 − hint) with threshold 1 − δ_bg:
+    BCE(−z, 1 − ε/2) = BCE(z, ε/2), and resizing commutes with 1 − ·. Empty batches give 0.
+
+    Args:
+        z: (B, 1, h, w) logits. hint: (B, 1, H, W) or (B, H, W) hints in [0, 1].
+
+    Returns:
+        (loss, number of background-hint pixels).
+    """
+    return hint_loss(-z, 1.0 - hint, 1.0 - bg_thr, smoothing)
+
+
+def saliency_map(z: torch.Tensor) -> torch.Tensor:
+    """The inference map of a logit map: ReLU(z) divided by its per-image max.
+
+    Args:
+        z: (B, h, w) logits.
+
+    Returns:
+        (B, h, w) in [0, 1]. Ranking-based, so a drift of the BN bias (which shifts σ(z) as a
+        whole, and which the fg-only hint loss encourages) does not change it much.
+    """
+    r = F.relu(z)
+    return r / (r.flatten(1).amax(1)[:, None, None] + 1e-5)
+
+
 @torch.no_grad()
 def predict_small(model, ds, ids, device, batch_size: int = 32):
-    """σ(z) at the network's resolution for ``ids`` (single scale, no flip).
+    """Logit maps z at the network's resolution for ``ids`` (single scale, no flip).
 
-    Yields ``(image_id, prob (h, w) tensor on CPU)``.
+    Yields ``(image_id, z (h, w) float tensor on CPU)``.
     """
+    was_training = model.training
     model.eval()
     for _, chunk_ids in _by_size(ds, ids).items():
         for i in range(0, len(chunk_ids), batch_size):
             chunk = chunk_ids[i:i + batch_size]
             x = torch.stack([normalize(to_tensor_image(ds.read_image(j))) for j in chunk]).to(device)
-            z, _, _ = model(x)
-            p = torch.sigmoid(z.float())[:, 0].cpu()
-            yield from zip(chunk, p)
+            z = model(x)[0].float()[:, 0].cpu()
+            yield from zip(chunk, z)
+    model.train(was_training)
 
 
 def direction_evidence(model, ds, ids, device, hints_dir: Path | None, border: float) -> dict:
-    """Run :func:`decide_direction` on σ(z) of ``ids`` (and their hints when given).
+    """Run :func:`decide_direction` on the inference maps ReLU(z)/max of ``ids`` (and their hints when given).
 
     Maps and hints are resized to a common square grid so that images of any size pool together.
     """
     sal, hints = [], []
-    for image_id, p in predict_small(model, ds, ids, device):
-        sal.append(F.interpolate(p[None, None], size=(DIRECTION_GRID, DIRECTION_GRID), mode="bilinear",
-                                 align_corners=False)[0, 0])
+    grid = (DIRECTION_GRID, DIRECTION_GRID)
+    for image_id, z in predict_small(model, ds, ids, device):
+        m = saliency_map(z[None])
+        sal.append(F.interpolate(m[None], size=grid, mode="bilinear", align_corners=False)[0, 0])
         if hints_dir is not None:
             h = torch.from_numpy(read_hint(hints_dir, image_id, ds.image_size(image_id)))
-            hints.append(F.interpolate(h[None, None], size=(DIRECTION_GRID, DIRECTION_GRID), mode="bilinear",
-                                       align_corners=False)[0, 0])
-    sal_t = torch.stack(sal)
-    return decide_direction(sal_t, torch.stack(hints) if hints else None, border=border)
+            hints.append(F.interpolate(h[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0])
+    return decide_direction(torch.stack(sal), torch.stack(hints) if hints else None, border=border)
 
 
 @torch.no_grad()
 def quick_binary_miou(model, ds, ids, device) -> tuple[float, float]:
-    """Diagnostic: best binary fg mIoU of σ(z) (no TTA) and of 1 − σ(z) over thresholds 0.05…0.95.
+    """Diagnostic: best binary fg mIoU (thresholds 0.05…0.95) of ReLU(z)/max and of ReLU(−z)/max, no TTA.
 
-    Only images with a ground-truth mask count. Returns ``(miou, miou_flipped)``.
+    The reference validates C²AM the same way each epoch. Only images with a ground-truth mask
+    count. Returns ``(miou, miou_flipped)``.
     """
     ths = thresholds(0.05, 0.95, 0.05)
     sw, sw_flip = ThresholdSweep(2, ths), ThresholdSweep(2, ths)
@@ -165,13 +203,12 @@ def quick_binary_miou(model, ds, ids, device) -> tuple[float, float]:
     if not ids:
         return float("nan"), float("nan")
     keys = np.array([1])
-    for image_id, p in predict_small(model, ds, ids, device):
+    for image_id, z in predict_small(model, ds, ids, device):
         hw = ds.image_size(image_id)
-        full = F.interpolate(p[None, None], size=hw, mode="bilinear", align_corners=False)[0].numpy()
+        zz = F.interpolate(z[None, None], size=hw, mode="bilinear", align_corners=False)[0]
         gt = binary_gt(ds.read_mask(image_id, hw))
-        sw.update(full, keys, gt)
-        sw_flip.update(1.0 - full, keys, gt)
-    model.train()
+        sw.update(saliency_map(zz).numpy(), keys, gt)
+        sw_flip.update(saliency_map(-zz).numpy(), keys, gt)
     best = lambda s: max(r["miou"] for r in s.results())  # noqa: E731
     return best(sw), best(sw_flip)
 
@@ -207,6 +244,8 @@ def run(cfg: Config) -> dict:
     conf = {k: str(v) for k, v in asdict(cfg).items()
             if k not in ("out", "metrics", "state_dir", "num_workers", "threads", "direction_images", "border",
                          "epoch_eval_images")}
+    if cfg.init == "classifier":  # backbone/weights are unused then: changing them must not block a resume
+        conf["backbone"] = conf["weights"] = "from classifier"
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, model=model, opt=opt, sched=sched, scaler=scaler)
     eval_ids = ds.ids[:cfg.epoch_eval_images] if cfg.epoch_eval_images > 0 else list(ds.ids)
     log.info("%s on %s/%s: %d images, %d steps/epoch, %d epochs, backbone %s (init %s), device %s", cfg.method,
@@ -230,6 +269,12 @@ def run(cfg: Config) -> dict:
                 loss = loss + cfg.hint_weight * l_hint
                 sums["hint"] += l_hint.item()
                 sums["hint_fraction"] += n_px / z[:, 0].numel()
+                if cfg.bg_hint_weight > 0:
+                    l_bg, n_bg = background_hint_loss(z, batch[1].to(device, non_blocking=True), cfg.bg_threshold,
+                                                      cfg.hint_smoothing)
+                    loss = loss + cfg.bg_hint_weight * l_bg
+                    sums["bg_hint"] += l_bg.item()
+                    sums["bg_hint_fraction"] += n_bg / z[:, 0].numel()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {n}: {loss.item()}")
             opt.zero_grad(set_to_none=True)

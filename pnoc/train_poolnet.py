@@ -132,6 +132,8 @@ def run(cfg: Config) -> dict:
     scaler = make_scaler(device, cfg.amp)
     conf = {k: str(v) for k, v in asdict(cfg).items() if k not in ("out", "metrics", "state_dir", "num_workers",
                                                                     "threads")}
+    if cfg.init == "classifier":  # backbone/weights are unused then: changing them must not block a resume
+        conf["backbone"] = conf["weights"] = "from classifier"
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, model=model, opt=opt, scaler=scaler)
     log.info("PoolNet (%s, width %d) on %s/%s with masks %s: %d images, %d epochs, device %s", arch["backbone"],
              cfg.width, cfg.dataset, cfg.split, cfg.masks, len(train_set), cfg.epochs, device)

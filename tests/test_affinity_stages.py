@@ -299,12 +299,13 @@ def test_masks_table(tmp_path):
 
 # ------------------------------------------------------------------------------ workflow
 @pytest.mark.slow
-def test_affinity_rules_smoke(tmp_path):
-    from conftest import smoke_config, snakemake
+def test_affinity_rules_smoke(smoke_run):
+    from conftest import snakemake
 
-    cfg = smoke_config(tmp_path)
+    # reuses the session's smoke results: only the classic chain and the table are new
+    tmp, cfg, _ = smoke_run
     snakemake(["masks_table", "--cores", "2", "--configfile", str(cfg)], timeout=2400)
-    res = tmp_path / "results"
+    res = tmp / "results"
     md = (res / "tables" / "masks.md").read_text()
     assert "pnoc_ls" in md and "classic" in md and "saliency" in md
     for method in ("classic", "saliency"):

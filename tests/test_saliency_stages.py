@@ -312,3 +312,26 @@ def test_saliency_rules_smoke(smoke_run):
     # the chain's saliency is in the summary
     summary = json.loads((res / "summary.json").read_text())
     assert {("saliency", "c2amh"), ("saliency", "c2amh_raw")} <= {(r["stage"], r["variant"]) for r in summary["rows"]}
+
+
+def test_background_hint_loss_exact_and_empty():
+    z = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]], requires_grad=True)
+    hint = torch.tensor([[[[0.05, 0.5], [0.1, 0.0]]]])
+    loss, n = train_ccam.background_hint_loss(z, hint, bg_thr=0.1, smoothing=0.1)
+    # pixels with hint <= 0.1: z = 0, -1, 3; target ε/2 = 0.05
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([0.0, -1.0, 3.0]),
+                                                                  torch.full((3,), 0.05))
+    assert n == 3 and loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    empty, n0 = train_ccam.background_hint_loss(z, torch.ones_like(hint), bg_thr=0.1)
+    assert n0 == 0 and empty.item() == 0.0
+    empty.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_train_ccam_with_background_hints(tmp_path):
+    ds = _tiny_voc(tmp_path / "voc")
+    hints = _hints_from_gt(ds, tmp_path / "hints")
+    m = train_ccam.run(_ccam_cfg(tmp_path, tmp_path / "voc", "c2amh", hints, bg_hint_weight=1.0, epoch_eval_images=2))
+    e = m["epochs"][0]
+    assert np.isfinite(e["loss"]) and e["bg_hint"] > 0 and 0 < e["bg_hint_fraction"] < 1
+    assert 0 <= e["binary_miou_no_tta"] <= 1

@@ -48,6 +48,7 @@ rule train_ccam:
         data=dataset_args(),
         split=DATASET["train_split"],
         fg=SAL["fg_threshold"],
+        bg=SAL["bg_threshold"],
         classifier=saliency_classifier_flag("ccam"),
         args=flags(SAL["ccam"]),
         state=lambda w: state_dir("ccam", w.method, f"seed{w.seed}"),
@@ -64,7 +65,7 @@ rule train_ccam:
         runtime=runtime_train,
     shell:
         "python -m pnoc.train_ccam {params.data} --split {params.split} --method {wildcards.method}"
-        " --hints {input.hints} {params.classifier} --fg-threshold {params.fg}"
+        " --hints {input.hints} {params.classifier} --fg-threshold {params.fg} --bg-threshold {params.bg}"
         " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
         " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
         " --threads {threads} {params.args} 2> {log}"
