@@ -294,7 +294,7 @@ def test_saliency_rules_smoke(smoke_run):
     from conftest import snakemake
 
     tmp, cfg, _ = smoke_run
-    p = snakemake(["--cores", "2", "--configfile", str(cfg), "saliency_table"], timeout=1500)
+    p = snakemake(["saliency_table", "--cores", "2", "--configfile", str(cfg)], timeout=1500)
     res = tmp / "results"
     assert "Saliency from weak supervision" in p.stdout
     assert (res / "tables" / "saliency.md").is_file() and (res / "tables" / "saliency.csv").is_file()
