@@ -19,17 +19,16 @@ naming the image (the reference skips such images silently).
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import cli
 from .affinity import IGNORE, affinity_labels_classic, affinity_labels_saliency
 from .data import open_dataset
 from .io import DataError, atomic_dir, load_maps, write_json, write_mask
+from .parallel import map_images
 from .saliency_utils import read_saliency
 
 log = logging.getLogger("pnoc.make_affinity_labels")
@@ -129,18 +128,9 @@ def run(cfg: Config) -> dict:
     ds.validate(need_labels=True)
     totals = np.zeros(7, np.int64)
     with atomic_dir(cfg.out_dir) as tmp:
-        bar = tqdm(total=len(ds), desc=f"affinity labels {cfg.method} {cfg.split}", mininterval=10)
-        if cfg.threads > 1:
-            with mp.get_context("fork").Pool(cfg.threads, _init_worker, (cfg, tmp)) as pool:
-                for c in pool.imap(_work, ds.ids, chunksize=4):
-                    totals += c
-                    bar.update()
-        else:
-            _init_worker(cfg, tmp)
-            for image_id in ds.ids:
-                totals += _work(image_id)
-                bar.update()
-        bar.close()
+        for c in map_images(ds.ids, _work, _init_worker, (cfg, tmp), cfg.threads,
+                            f"affinity labels {cfg.method} {cfg.split}"):
+            totals += c
         n_pix = max(1, int(totals[:3].sum()))
         has_gt = totals[3] + totals[5] > 0
         summary = {

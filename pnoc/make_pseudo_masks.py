@@ -11,17 +11,16 @@ folder is written atomically; a missing RW map raises :class:`DataError` naming 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import cli
 from .crf import crf_label
 from .data import open_dataset
-from .io import DataError, atomic_dir, load_maps, write_json, write_mask
+from .io import DataError, atomic_dir, load_maps, write_mask
+from .parallel import map_images
 
 log = logging.getLogger("pnoc.make_pseudo_masks")
 
@@ -102,18 +101,8 @@ def run(cfg: Config) -> dict:
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     hist = np.zeros(256, np.int64)
     with atomic_dir(cfg.out_dir) as tmp:
-        bar = tqdm(total=len(ds), desc=f"pseudo masks {cfg.split}", mininterval=10)
-        if cfg.threads > 1:
-            with mp.get_context("fork").Pool(cfg.threads, _init_worker, (cfg, tmp)) as pool:
-                for c in pool.imap(_work, ds.ids, chunksize=4):
-                    hist += c
-                    bar.update()
-        else:
-            _init_worker(cfg, tmp)
-            for image_id in ds.ids:
-                hist += _work(image_id)
-                bar.update()
-        bar.close()
+        for c in map_images(ds.ids, _work, _init_worker, (cfg, tmp), cfg.threads, f"pseudo masks {cfg.split}"):
+            hist += c
     info = {"stage": "make_pseudo_masks", "split": cfg.split, "images": len(ds), "bg_threshold": cfg.bg_threshold,
             "crf": {"t": cfg.crf_t, "gt_prob": cfg.crf_gt_prob} if cfg.crf else None,
             "fraction_bg": float(hist[0] / max(1, hist.sum()))}
