@@ -195,13 +195,18 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, palette: bool = True) 
         im.save(tmp, format="PNG")
 
 
-def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
-    """Write an RGB uint8 array (H, W, 3) as JPEG or PNG by the path's suffix."""
+def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95, subsampling: int = -1) -> None:
+    """Write an RGB uint8 array (H, W, 3) as JPEG or PNG by the path's suffix.
+
+    Args:
+        quality: JPEG quality.
+        subsampling: JPEG chroma subsampling (PIL: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0, -1 = PIL's default).
+    """
     im = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
     fmt = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
     with atomic_path(path) as tmp:
         if fmt == "JPEG":
-            im.save(tmp, format=fmt, quality=quality)
+            im.save(tmp, format=fmt, quality=quality, subsampling=subsampling)
         else:
             im.save(tmp, format=fmt)
 

@@ -5,8 +5,9 @@ without pretrained weights (see ``shared/reference/synthetic-benchmark-findings.
 
 * **Incomplete activation.** Every object is a *body* plus an optional small *head*. The body
   has a class-specific *shape* (ellipse, triangle, ring, ...) but its colour and texture come
-  from a pool shared by every class (and by the background clutter). The head (~10-15 % of the
-  object) carries a class-specific saturated colour pair and pattern: the most discriminative
+  from a pool shared by every class (and by the background clutter). The head (~15-25 % of the
+  object; 6-14 px wide at 96 px, smaller heads were recognised too unreliably by a CPU-sized
+  classifier for the later stages to measure anything) carries a class-specific saturated colour pair and pattern: the most discriminative
   part, so a plain CAM lights up mostly the head. A fraction of all objects is *headless*, so
   body shape is a learnable secondary cue that erasing methods (OC-CSE, NOC) can push CAMs onto.
 * **Context co-occurrence.** The first ``context_classes`` classes are tied to a background
@@ -114,11 +115,11 @@ class SyntheticConfig:
     min_objects: int = _f(1, "fewest objects drawn per image (>= 1)")
     max_objects: int = _f(3, "most objects drawn per image")
     same_class_prob: float = _f(0.3, "probability that an extra object repeats a class already in the image")
-    object_area_min: float = _f(0.04, "smallest object area (body + head) as a fraction of the image (log-uniform)")
-    object_area_max: float = _f(0.20, "largest object area as a fraction of the image")
+    object_area_min: float = _f(0.05, "smallest object area (body + head) as a fraction of the image (log-uniform)")
+    object_area_max: float = _f(0.22, "largest object area as a fraction of the image")
     aspect_max: float = _f(1.35, "objects are stretched by a factor in [1/aspect_max, aspect_max] before rotation")
-    head_frac_min: float = _f(0.10, "smallest head area as a fraction of the object area")
-    head_frac_max: float = _f(0.15, "largest head area as a fraction of the object area")
+    head_frac_min: float = _f(0.15, "smallest head area as a fraction of the object area")
+    head_frac_max: float = _f(0.25, "largest head area as a fraction of the object area")
     headless_prob: float = _f(0.2, "per object: probability that a non-context-class object has no head")
     context_classes: int = _f(3, "classes 1..K tied to a background texture band (0..5, <= n_classes)")
     context_prob: float = _f(0.9, "probability that a context class in the image comes with its band (object on it)")
@@ -136,6 +137,8 @@ class SyntheticConfig:
     min_visible_ratio: float = _f(0.5, "each object keeps at least this fraction of its own pixels (and head) visible")
     ignore_width: int = _f(2, "total width (px) of the 255 ignore band along every label border; 0 = none")
     jpeg_quality: int = _f(92, "JPEG quality of the images")
+    jpeg_chroma_full: bool = _f(True, "store chroma at full resolution (4:4:4); heads are a few px wide and "
+                                      "4:2:0 subsampling blends their colour pair into a muddy average")
     workers: int = _f(1, "processes used to render images (1 = in-process; at most 2 on shared machines)")
 
     def validate(self) -> None:
@@ -677,7 +680,8 @@ def _write_one(args) -> dict[str, Any]:
     root, cfg, split, index = args
     sample = render_image(cfg, split, index)
     iid = image_id(split, index)
-    write_image(root / "JPEGImages" / f"{iid}.jpg", sample.image, quality=cfg.jpeg_quality)
+    write_image(root / "JPEGImages" / f"{iid}.jpg", sample.image, quality=cfg.jpeg_quality,
+                subsampling=0 if cfg.jpeg_chroma_full else 2)
     write_mask(root / "SegmentationClass" / f"{iid}.png", sample.mask)
     write_text(root / "Annotations" / f"{iid}.xml", voc_xml(iid, sample, cfg.classes))
     return _summary(sample)

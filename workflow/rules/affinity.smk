@@ -34,7 +34,7 @@ rule make_affinity_labels:
         f"{RESULTS}/logs/make_affinity_labels/{{chain}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=mem_infer,
         runtime=runtime_infer,
@@ -64,7 +64,7 @@ rule train_affinity:
         f"{RESULTS}/logs/train_affinity/{{chain}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_train,
@@ -91,7 +91,7 @@ rule propagate:
         f"{RESULTS}/logs/propagate/{{chain}}-seed{{seed}}-{{split}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_infer,
@@ -115,7 +115,7 @@ rule make_pseudo_masks:
         f"{RESULTS}/logs/make_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=mem_infer,
         runtime=runtime_infer,

@@ -19,7 +19,7 @@ rule train_classifier:
         f"{RESULTS}/logs/train_classifier/seed{{seed}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_train,
@@ -45,7 +45,7 @@ rule infer_cams:
         f"{RESULTS}/logs/infer_cams/{{variant}}-seed{{seed}}-{{split}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_infer,
@@ -101,7 +101,7 @@ rule train_cam:
         f"{RESULTS}/logs/train_cam/{{variant}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_train,

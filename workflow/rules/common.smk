@@ -66,6 +66,8 @@ def runtime_infer(wildcards, attempt):
 
 
 GPU = config["resources"]["gpu"]
+# CPU threads of a compute-heavy job (torch intra-op threads, per-image worker processes)
+THREADS = config["resources"]["threads"]
 
 
 def cam_model(wildcards):

@@ -58,7 +58,7 @@ rule train_ccam:
         f"{RESULTS}/logs/train_ccam/{{method}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_train,
@@ -88,7 +88,7 @@ rule infer_saliency:
         f"{RESULTS}/logs/infer_saliency/{{method}}-seed{{seed}}-{{split}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_infer,
@@ -121,7 +121,7 @@ rule train_poolnet:
         f"{RESULTS}/logs/train_poolnet/{{method}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_train,
@@ -149,7 +149,7 @@ rule infer_poolnet:
         f"{RESULTS}/logs/infer_poolnet/{{method}}-seed{{seed}}-{{split}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_infer,

@@ -33,7 +33,7 @@ rule train_segmentation:
         f"{RESULTS}/logs/train_segmentation/{{variant}}-seed{{seed}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_train,
@@ -62,7 +62,7 @@ rule infer_segmentation:
         f"{RESULTS}/logs/infer_segmentation/{{variant}}-seed{{seed}}-{{split}}.log",
     conda:
         ENV
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPU,
         mem_mb=mem_infer,
