@@ -26,6 +26,29 @@ def test_dry_run_default_and_tables():
     snakemake(["-n", "priors_table"])
 
 
+def _default_mismatches(cfg: dict, schema: dict, path: str = "") -> list[str]:
+    out = []
+    props = schema.get("properties", {})
+    for key, value in cfg.items():
+        if key not in props:
+            out.append(f"{path}{key}: not in the schema")
+        elif isinstance(value, dict):
+            out += _default_mismatches(value, props[key], f"{path}{key}.")
+        elif props[key].get("default") != value:
+            out.append(f"{path}{key}: config.yaml {value!r}, schema default {props[key].get('default')!r}")
+    out += [f"{path}{key}: in the schema, not in config.yaml" for key in props if key not in cfg]
+    return out
+
+
+def test_config_yaml_and_schema_defaults_agree():
+    """One source of truth: every config.yaml value is its schema default, so a run from a working
+    directory without config.yaml (e.g. ``snakemake -d elsewhere``, SLURM test dirs) computes the same."""
+    import yaml
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    assert _default_mismatches(cfg, schema) == []
+
+
 def test_invalid_config_key_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("classifier:\n  epochz: 3\n")
