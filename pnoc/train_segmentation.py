@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,8 @@ from .training import (EpochRunner, autocast, load_weights, make_optimizer, make
                        poly_scheduler, resolve_device, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.train_segmentation")
+
+OPTIMIZERS = ("sgd", "adamw")
 
 MODEL_SELECTION = ("last epoch; no mask of the evaluated split is read during training "
                    "(the reference selects on val pseudo masks)")
@@ -64,12 +66,14 @@ class Config:
     weights: str = "none"
     classifier: str = "none"
     aspp_channels: int = 64
+    aspp_rates: list[int] = field(default_factory=list)
     decoder_low_channels: int = 16
     decoder_channels: int = 64
     norm: str = "gn"
     dropout: float = 0.5
     epochs: int = 6
     batch_size: int = 16
+    optimizer: str = "sgd"
     lr: float = 0.01
     head_lr_mult: float = 10.0
     momentum: float = 0.9
@@ -92,7 +96,10 @@ def arch_spec(cfg: Config, n_classes: int) -> dict:
     """What :func:`segmenter_from_artifact` needs to rebuild the network."""
     widths = {}
     if cfg.arch == "deeplabv3plus":
-        widths = {"aspp_channels": cfg.aspp_channels, "decoder_low_channels": cfg.decoder_low_channels,
+        widths = {"aspp_channels": cfg.aspp_channels,
+                  # empty: the reference rates (6, 12, 18) scaled to the output stride
+                  "aspp_rates": tuple(cfg.aspp_rates) if cfg.aspp_rates else None,
+                  "decoder_low_channels": cfg.decoder_low_channels,
                   "decoder_channels": cfg.decoder_channels, "norm": cfg.norm, "dropout": cfg.dropout}
     return {"arch": cfg.arch, "backbone": cfg.backbone, "n_classes": n_classes,
             "output_stride": cfg.output_stride, "widths": widths}
@@ -174,7 +181,9 @@ def run(cfg: Config) -> dict:
     groups = param_groups([(k, p) for k, p in named if k.startswith("backbone.")],
                           [(k, p) for k, p in named if not k.startswith("backbone.")],
                           cfg.lr, cfg.weight_decay, new_lr_mult=cfg.head_lr_mult)
-    opt = make_optimizer(groups, "sgd", momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise DataError(f"optimizer={cfg.optimizer!r}: use one of {OPTIMIZERS}")
+    opt = make_optimizer(groups, cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov)
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     sched = poly_scheduler(opt, steps_per_epoch * cfg.epochs)
     scaler = make_scaler(device, cfg.amp)

@@ -151,6 +151,24 @@ def test_train_refuses_mismatched_classifier_and_missing_masks(tmp_path):
         train_segmentation.run(train_segmentation.Config(masks_dir=str(tmp_path / "nope"), **base))
 
 
+def test_adamw_and_custom_aspp_rates_roundtrip(tmp_path):
+    """optimizer: adamw trains, custom ASPP rates are stored in the artifact and rebuilt; a wrong
+    optimizer name is refused before training."""
+    root = make_voc(tmp_path / "VOC2012", splits={"train": 2})
+    base = dict(dataset="voc12", root=root, masks_dir="gt", out=tmp_path / "m.pt", metrics=tmp_path / "m.json",
+                state_dir=tmp_path / "s", agreement_images=0, norm="bn", **TINY)
+    m = train_segmentation.run(train_segmentation.Config(optimizer="adamw", aspp_rates=[2, 4, 6], **base))
+    assert np.isfinite(m["final"]["loss"])
+    state = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert tuple(state["arch"]["widths"]["aspp_rates"]) == (2, 4, 6)
+    model = train_segmentation.segmenter_from_artifact(state)
+    convs = [mod.dilation[0] for mod in model.aspp.modules()
+             if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3)]
+    assert convs == [2, 4, 6]
+    with pytest.raises(DataError, match="optimizer"):
+        train_segmentation.run(train_segmentation.Config(optimizer="lamb", **{**base, "state_dir": tmp_path / "s2"}))
+
+
 def test_supervised_deeplabv2_and_test_split_submission(tmp_path):
     root = make_voc(tmp_path / "VOC2012", splits={"train": 2, "test": 2})
     test = open_dataset("voc12", root, "test")
