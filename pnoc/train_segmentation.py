@@ -157,6 +157,8 @@ def agreement(model, ds, masks_dir: str | None, device, n_images: int, amp: bool
 def run(cfg: Config) -> dict:
     if cfg.arch not in ARCHS:
         raise DataError(f"arch={cfg.arch!r}: use one of {list(ARCHS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise DataError(f"optimizer={cfg.optimizer!r}: use one of {OPTIMIZERS}")
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
@@ -181,8 +183,6 @@ def run(cfg: Config) -> dict:
     groups = param_groups([(k, p) for k, p in named if k.startswith("backbone.")],
                           [(k, p) for k, p in named if not k.startswith("backbone.")],
                           cfg.lr, cfg.weight_decay, new_lr_mult=cfg.head_lr_mult)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise DataError(f"optimizer={cfg.optimizer!r}: use one of {OPTIMIZERS}")
     opt = make_optimizer(groups, cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov)
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     sched = poly_scheduler(opt, steps_per_epoch * cfg.epochs)

@@ -64,15 +64,10 @@ PAPER_SETTINGS = {  # keys the demo tunes away from the reference; VOC/COCO must
 def test_paper_configs_pin_the_reference_where_the_demo_differs(name):
     """``--configfile config/voc12.yaml`` is merged onto config.yaml: every demo-tuned key must be set back."""
     import yaml
+    from snakemake.utils import update_config  # the merge Snakemake applies to each --configfile
 
-    def merged(base: dict, over: dict) -> dict:
-        out = dict(base)
-        for k, v in over.items():
-            out[k] = merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-        return out
-
-    cfg = merged(yaml.safe_load((ROOT / "config.yaml").read_text()),
-                 yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text()))
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    update_config(cfg, yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text()))
     for path, want in PAPER_SETTINGS.items():
         node = cfg
         for part in path.split("."):
