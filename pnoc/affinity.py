@@ -109,6 +109,7 @@ def affinity_labels_saliency(
     fg_thr: float = 0.40,
     bg_thr: float = 0.10,
     crf: Mapping | None = None,
+    salient_thr: float | None = None,
 ) -> np.ndarray:
     """P-NOC saliency-aware affinity labels (spec §8).
 
@@ -122,17 +123,26 @@ def affinity_labels_saliency(
         fg_thr: a salient pixel gets a class only if its CAM exceeds this.
         bg_thr: a pixel is salient if ``saliency > bg_thr``.
         crf: keyword arguments of :func:`pnoc.crf.crf_label` or None.
+        salient_thr: a pixel may take a class only if ``saliency > salient_thr`` (None: ``bg_thr``,
+            the reference). Pixels with ``bg_thr < saliency <= salient_thr`` are uncertain: the
+            paper gives classes to pixels of *strong* saliency and background to those of *weak*
+            saliency; soft saliency maps need the two thresholds apart.
 
     Returns:
         uint8 (H, W): non-salient → 0; salient with a CAM > ``fg_thr`` → class id;
-        salient with weak CAMs → 255 (after CRF refinement of both maps).
+        salient with weak CAMs → 255 (after CRF refinement of the maps).
     """
     cams, keys = _check_cams(cams, keys)
     saliency = np.asarray(saliency, dtype=np.float32)
     if saliency.shape != cams.shape[1:]:
         raise ValueError(f"saliency is {saliency.shape} but the CAMs are {cams.shape[1:]}")
+    if salient_thr is not None and salient_thr < bg_thr:
+        raise ValueError(f"salient_thr {salient_thr} is below bg_thr {bg_thr}")
     salient = _refine(img, (saliency > bg_thr).astype(np.int64), 2, crf).astype(bool)
-    fg = _refine(img, _argmax_with_bg(cams, fg_thr) * salient, cams.shape[0] + 1, crf)
+    core = salient
+    if salient_thr is not None and salient_thr > bg_thr:
+        core = _refine(img, (saliency > salient_thr).astype(np.int64), 2, crf).astype(bool)
+    fg = _refine(img, _argmax_with_bg(cams, fg_thr) * core, cams.shape[0] + 1, crf)
     lut = np.concatenate([[0], keys]).astype(np.uint8)
     out = lut[fg]
     out[fg == 0] = IGNORE

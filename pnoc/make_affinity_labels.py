@@ -8,7 +8,9 @@ One uint8 PNG per training image: 0 = confident background, 1..C = confident cla
   with a label dCRF; pixels that only the background map calls background are uncertain.
 * ``saliency`` (P-NOC): the saliency map decides the background (saliency ≤ ``bg_threshold``,
   0.10, after a 2-label dCRF); salient pixels get a class where the CAM exceeds
-  ``fg_threshold`` (0.40) and are uncertain where it does not.
+  ``fg_threshold`` (0.40) and are uncertain where it does not. With ``salient_threshold``
+  (pnoc; None = the reference) only pixels above it may take a class, and the band between
+  the two thresholds is uncertain.
 
 Besides the PNGs the folder holds ``summary.json``: the fractions of background, foreground
 and uncertain pixels and, on data with ground truth, the precision of the confident labels.
@@ -50,6 +52,7 @@ class Config:
     saliency_dir: Path | None = None
     fg_threshold: float | None = None
     bg_threshold: float | None = None
+    salient_threshold: float | None = None
     crf: bool = True
     crf_t: int = 10
     crf_gt_prob: float = 0.7
@@ -88,7 +91,7 @@ def label_image(cfg: Config, ds, image_id: str) -> np.ndarray:
     if cfg.saliency_dir is None:
         raise DataError("method saliency needs --saliency-dir (the PoolNet saliency maps of the split)")
     sal = read_saliency(cfg.saliency_dir, image_id, hw, fmt="png")
-    return affinity_labels_saliency(cams, keys, sal, img, fg, bg, crf)
+    return affinity_labels_saliency(cams, keys, sal, img, fg, bg, crf, salient_thr=cfg.salient_threshold)
 
 
 def label_counts(label: np.ndarray, gt: np.ndarray | None) -> np.ndarray:

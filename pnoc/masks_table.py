@@ -3,7 +3,8 @@
 Reads the ``metrics.json`` files of rule evaluate_masks (variant ``<prior>+<method>``, each
 holding ``prior_miou`` of the prior it started from) and writes a markdown table plus a CSV:
 one row per prior (P-OC / P-NOC, with and without label smoothing) and affinity-label method
-(``classic`` IRN labels vs ``saliency`` = C²AM-H-aware labels), with, per split, the prior mIoU,
+(``classic`` IRN labels vs ``saliency`` = saliency-aware labels of the chain's saliency method),
+with, per split, the prior mIoU,
 the pseudo-mask mIoU and the gain (mean ± std over seeds).
 """
 
@@ -22,7 +23,7 @@ from .io import read_json, write_csv, write_text
 
 log = logging.getLogger("pnoc.masks_table")
 
-METHOD_NAMES = {"classic": "classic (IRN)", "saliency": "saliency (C²AM-H)"}
+SALIENCY_NAMES = {"c2am": "C²AM", "c2amh": "C²AM-H"}
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Config:
 
     out: Path
     metrics: list[Path] = field(default_factory=list)
+    saliency_method: str = "c2amh"
+    saliency_gate: float | None = None
 
 
 def _pm(values) -> str:
@@ -52,7 +55,12 @@ def prior_flags(prior: str) -> dict:
             "noc": "✓" if base == "pnoc" else ""}
 
 
+def method_names(saliency_method: str) -> dict[str, str]:
+    return {"classic": "classic (IRN)", "saliency": f"saliency ({SALIENCY_NAMES.get(saliency_method, saliency_method)})"}
+
+
 def run(cfg: Config) -> dict:
+    names = method_names(cfg.saliency_method)
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     splits: list[str] = []
     for p in cfg.metrics:
@@ -67,7 +75,7 @@ def run(cfg: Config) -> dict:
     for (prior, method), by_split in groups.items():
         f = prior_flags(prior)
         md = {"prior": prior, "strategy": f["strategy"], "+LS": f["ls"], "+NOC": f["noc"],
-              "affinity labels": METHOD_NAMES.get(method, method)}
+              "affinity labels": names.get(method, method)}
         row = {"prior": prior, "method": method}
         for split in splits:
             ms = by_split.get(split, [])
@@ -81,8 +89,11 @@ def run(cfg: Config) -> dict:
                         f"seeds_{split}": len(ms)})
         md_rows.append(md)
         csv_rows.append(row)
+    gate = "" if cfg.saliency_gate is None else (
+        f", then background where the {SALIENCY_NAMES.get(cfg.saliency_method, cfg.saliency_method)} saliency "
+        f"is ≤ {cfg.saliency_gate:g}, for both label methods")
     md = ("# Pseudo masks: random walk over the priors (paper Table 7)\n\n"
-          "mIoU (%) of the pseudo masks (RW + dCRF) next to the prior they started from (best background "
+          f"mIoU (%) of the pseudo masks (RW + dCRF{gate}) next to the prior they started from (best background "
           "threshold of the prior, chosen on the evaluated split); mean ± std over seeds.\n\n"
           + markdown_table(md_rows))
     write_text(cfg.out, md)

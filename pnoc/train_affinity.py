@@ -138,7 +138,9 @@ def run(cfg: Config) -> dict:
     conf = {k: str(v) for k, v in asdict(cfg).items() if k not in ("out", "metrics", "state_dir", "num_workers", "threads")}
     # only the trainable head is checkpointed per epoch (the backbone is frozen and rebuilt)
     head = torch.nn.ModuleDict({"branches": model.branches, "fuse": model.fuse})
-    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, head=head, opt=opt, sched=sched, scaler=scaler)
+    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
+                         inputs=(cfg.labels, cfg.source_model, Path(cfg.root) / "dataset.json"),
+                         head=head, opt=opt, sched=sched, scaler=scaler)
     log.info("AffinityNet (%s, OS%d, init %s) on %s/%s with labels %s: %d images, %d steps/epoch, %d epochs, "
              "radius %g (%d directions), device %s", arch["backbone"], cfg.output_stride, cfg.init, cfg.dataset,
              cfg.split, labels_dir, len(train_set), steps_per_epoch, cfg.epochs, cfg.radius, pi.n_directions, device)

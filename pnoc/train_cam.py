@@ -253,7 +253,8 @@ def run(cfg: Config) -> dict:
     if tr.noc is not None:
         objects.update(noc=tr.noc, noc_opt=tr.noc_opt, noc_sched=tr.noc_sched)
     conf = {k: str(v) for k, v in asdict(cfg).items() if k not in ("out", "metrics", "state_dir", "num_workers", "threads")}
-    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, **objects)
+    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
+                         inputs=(cfg.classifier, Path(cfg.root) / "dataset.json"), **objects)
     log.info("strategy %s (ls=%.2f): %d images, %d iterations/epoch, %d epochs on %s", cfg.strategy,
              cfg.label_smoothing, len(train_set), iters_per_epoch, cfg.epochs, device)
     t_total, n_iters = 0.0, 0

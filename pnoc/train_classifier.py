@@ -96,7 +96,8 @@ def run(cfg: Config) -> dict:
     sched = poly_scheduler(opt, total)
     scaler = make_scaler(device, cfg.amp)
     conf = {k: str(v) for k, v in asdict(cfg).items() if k not in ("out", "metrics", "state_dir", "num_workers", "threads")}
-    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, model=model, opt=opt, sched=sched, scaler=scaler)
+    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, inputs=(Path(cfg.root) / "dataset.json",),
+                         model=model, opt=opt, sched=sched, scaler=scaler)
     log.info("training %s on %s/%s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.backbone, cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, device)
     t_train, n_seen = 0.0, 0

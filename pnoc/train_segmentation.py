@@ -189,7 +189,9 @@ def run(cfg: Config) -> dict:
     scaler = make_scaler(device, cfg.amp)
     conf = {k: str(v) for k, v in asdict(cfg).items()
             if k not in ("out", "metrics", "state_dir", "num_workers", "threads")}
-    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, model=model, opt=opt, sched=sched, scaler=scaler)
+    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
+                         inputs=(masks_dir, cfg.classifier, Path(cfg.root) / "dataset.json"),
+                         model=model, opt=opt, sched=sched, scaler=scaler)
     log.info("training %s/%s on %s/%s with masks %s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.arch, cfg.backbone, cfg.dataset, cfg.split, cfg.masks_dir, len(train_set), steps_per_epoch,
              cfg.epochs, device)

@@ -11,6 +11,7 @@ uninterrupted one exactly on CPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -172,9 +173,11 @@ class Checkpointer:
             return 0, {}
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         if state.get("_config") != self.config:
+            old = state.get("_config") or {}
+            keys = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
             raise RuntimeError(
-                f"{self.path}: resume state was written with a different configuration; "
-                f"delete {self.dir} to retrain from scratch"
+                f"{self.path}: resume state was written with a different configuration or different input "
+                f"files (changed: {', '.join(keys)}); delete {self.dir} to retrain from scratch"
             )
         for k, obj in objects.items():
             obj.load_state_dict(state[k])
@@ -235,6 +238,32 @@ def env_int(name: str, default: int) -> int:
         return default
 
 
+def input_fingerprint(paths: Iterable[str | Path | None]) -> dict[str, str]:
+    """Fingerprint of a training's input artifacts, for the resume guard.
+
+    Args:
+        paths: files or folders; None and missing paths are skipped.
+
+    Returns:
+        {path: sha1 of (relative name, size, mtime_ns) of every file under it}. Stat only, no
+        reading: a folder of 10k masks costs milliseconds.
+    """
+    out = {}
+    for p in paths:
+        if p is None or str(p).lower() == "none":
+            continue
+        p = Path(p)
+        if not p.exists():
+            continue
+        h = hashlib.sha1()
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(p) if f != p else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        out[str(p)] = h.hexdigest()
+    return out
+
+
 class EpochRunner:
     """Resumable epoch loop shared by every training stage.
 
@@ -250,7 +279,13 @@ class EpochRunner:
     with exit code 75, so a requeued job resumes instead of restarting.
     """
 
-    def __init__(self, state_dir: str | Path, config: dict, epochs: int, seed: int, **objects):
+    def __init__(self, state_dir: str | Path, config: dict, epochs: int, seed: int,
+                 inputs: Iterable[str | Path | None] = (), **objects):
+        config = dict(config)
+        if inputs:
+            # Snakemake reruns a training whose input artifacts changed under the same parameters
+            # (e.g. regenerated pseudo masks): a state of the old inputs must not be restored.
+            config["_inputs"] = input_fingerprint(inputs)
         self.ckpt = Checkpointer(state_dir, config)
         self.epochs = epochs
         self.seed = seed

@@ -74,6 +74,32 @@ def test_affinity_labels_saliency_by_hand():
     np.testing.assert_array_equal(out, expected)
 
 
+def test_affinity_labels_saliency_salient_threshold_by_hand():
+    """With salient_thr above bg_thr, weakly salient pixels are uncertain even under a strong CAM."""
+    cams, keys = _cams6()
+    sal = np.ones((6, 6), np.float32)
+    sal[:, 5] = 0.0
+    sal[0, 0:2] = 0.5   # salient (> bg_thr) but not above salient_thr: the class-3 CAM there is ignored
+    sal[1, 0] = 0.51    # above salient_thr: keeps class 3
+    sal[4, 4] = 0.3     # weak saliency under the class-7 CAM
+    out = affinity_labels_saliency(cams, keys, sal, img=None, fg_thr=0.40, bg_thr=0.10, crf=None, salient_thr=0.5)
+    expected = np.array([
+        [X, X, 3, X, X, 0],
+        [3, 3, 7, X, X, 0],
+        [X, X, X, X, X, 0],
+        [X, X, X, X, X, 0],
+        [X, X, X, X, X, 0],
+        [X, X, X, X, 7, 0],
+    ], np.uint8)
+    np.testing.assert_array_equal(out, expected)
+    # salient_thr == bg_thr is the reference rule
+    ref = affinity_labels_saliency(cams, keys, sal, img=None, fg_thr=0.40, bg_thr=0.10, crf=None)
+    np.testing.assert_array_equal(
+        affinity_labels_saliency(cams, keys, sal, img=None, fg_thr=0.40, bg_thr=0.10, crf=None, salient_thr=0.10), ref)
+    with pytest.raises(ValueError, match="below bg_thr"):
+        affinity_labels_saliency(cams, keys, sal, img=None, fg_thr=0.40, bg_thr=0.10, salient_thr=0.05)
+
+
 def test_affinity_labels_without_classes():
     cams = np.zeros((0, 4, 4), np.float32)
     keys = np.zeros(0, np.int64)

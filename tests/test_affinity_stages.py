@@ -250,6 +250,49 @@ def test_pseudo_masks_exact(tmp_path, mini):
         make_pseudo_masks.run(make_pseudo_masks.Config("synthetic", mini, "train", rw, out, crf=False))
 
 
+def test_pseudo_masks_saliency_gate_exact(tmp_path, mini):
+    """Pixels whose saliency is at most the threshold become background; a missing map names the image."""
+    rw = tmp_path / "rw"
+    r0 = np.zeros((1, H, W), np.float32)
+    r0[0, :16] = 0.9
+    save_maps(rw / "img0.npz", r0, np.array([1]))
+    r1 = np.full((2, H, W), 0.1, np.float32)
+    r1[1, :, 16:] = 0.8
+    r1[0, :, :16] = 0.8
+    save_maps(rw / "img1.npz", r1, np.array([1, 2]))
+    sal = tmp_path / "sal"
+    s0 = np.full((H, W), 255, np.uint8)
+    s0[:, :8] = 166          # 166 / 255 = 0.651 > 0.65: kept
+    s0[:, 8:12] = 165        # 0.647 <= 0.65: background
+    s0[:4] = 0
+    write_gray(sal / "img0.png", s0 / 255.0)
+    s1 = np.zeros((H, W), np.uint8)
+    s1[10:20, 5:25] = 255
+    write_gray(sal / "img1.png", s1 / 255.0)
+    out = tmp_path / "masks"
+    info = make_pseudo_masks.run(make_pseudo_masks.Config("synthetic", mini, "train", rw, out, bg_threshold=0.25,
+                                                          crf=False, saliency_dir=sal, saliency_threshold=0.65))
+    e0 = np.zeros((H, W), np.uint8)
+    e0[4:16] = 1
+    e0[4:16, 8:12] = 0
+    e1 = np.zeros((H, W), np.uint8)
+    e1[10:20, 5:16] = 1
+    e1[10:20, 16:25] = 2
+    np.testing.assert_array_equal(read_mask(out / "img0.png"), e0)
+    np.testing.assert_array_equal(read_mask(out / "img1.png"), e1)
+    assert info["saliency_threshold"] == 0.65 and info["saliency"] == str(sal)
+    # the same maps without the gate: the reference rule
+    make_pseudo_masks.run(make_pseudo_masks.Config("synthetic", mini, "train", rw, out, bg_threshold=0.25, crf=False))
+    np.testing.assert_array_equal(read_mask(out / "img0.png"), np.where(np.arange(H)[:, None] < 16, 1, 0)
+                                  * np.ones((1, W), np.uint8))
+    (sal / "img1.png").unlink()
+    with pytest.raises(DataError, match="img1"):
+        make_pseudo_masks.run(make_pseudo_masks.Config("synthetic", mini, "train", rw, out, crf=False,
+                                                       saliency_dir=sal, saliency_threshold=0.65))
+    with pytest.raises(DataError, match="saliency-dir"):
+        make_pseudo_masks.run(make_pseudo_masks.Config("synthetic", mini, "train", rw, out, saliency_threshold=0.5))
+
+
 def test_evaluate_masks_exact(tmp_path, mini):
     masks, _ = gt_masks()
     pred = tmp_path / "masks"
@@ -295,6 +338,10 @@ def test_masks_table(tmp_path):
     csv = out.with_suffix(".csv").read_text().splitlines()
     assert csv[0].startswith("prior,method,prior_miou_train,miou_train,gain_train")
     assert csv[2].startswith("pnoc_ls,saliency,0.5,0.7,0.2")
+    assert "≤" not in md  # no saliency gate
+    masks_table.run(masks_table.Config(out, paths, saliency_method="c2am", saliency_gate=0.65))
+    md = out.read_text()
+    assert "saliency (C²AM)" in md and "C²AM-H" not in md and "saliency is ≤ 0.65" in md
 
 
 # ------------------------------------------------------------------------------ workflow

@@ -536,3 +536,42 @@ def test_changed_config_retrains_instead_of_refusing_finished_state(tmp_path):
     assert (tmp_path / "state2" / "last.pt").is_file()
     with pytest.raises(RuntimeError, match="different configuration"):
         list(EpochRunner(tmp_path / "state2", {"epochs": "3", "lr": "0.2"}, 3, seed=0, model=torch.nn.Linear(2, 1)))
+
+
+def test_changed_inputs_retrain_instead_of_restoring_finished_state(tmp_path):
+    """Snakemake reruns a training whose input artifacts changed under the same parameters
+    (regenerated pseudo masks, affinity labels, classifier): the finished state of the old inputs
+    must not be restored (it was, and the rerun silently kept the stale model)."""
+    from pnoc.training import EpochRunner, input_fingerprint
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "a.png").write_bytes(b"1")
+    model_file = tmp_path / "classifier.pt"
+    model_file.write_bytes(b"m")
+
+    def train(epochs=2):
+        runner = EpochRunner(tmp_path / "state", {"epochs": str(epochs)}, epochs, seed=0,
+                             inputs=(masks, model_file, None, tmp_path / "absent"), model=torch.nn.Linear(2, 1))
+        ran = [epoch for epoch in runner]
+        return runner.start_epoch, ran
+
+    fp = input_fingerprint([masks, model_file, None, tmp_path / "absent"])
+    assert sorted(fp) == sorted([str(masks), str(model_file)])
+    assert train() == (0, [0, 1])
+    assert train() == (2, [])                      # same inputs: restored, nothing to train
+    (masks / "b.png").write_bytes(b"2")            # a new file in an input folder
+    assert train() == (0, [0, 1])
+    assert train() == (2, [])
+    st = model_file.stat()
+    os.utime(model_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewritten input file
+    assert input_fingerprint([model_file]) != {str(model_file): fp[str(model_file)]}
+    assert train() == (0, [0, 1])
+    # an unfinished state of other inputs is refused, naming what changed
+    runner = EpochRunner(tmp_path / "s3", {"epochs": "3"}, 3, seed=0, inputs=(masks,), model=torch.nn.Linear(2, 1))
+    for epoch in runner:
+        if epoch == 1:
+            break
+    (masks / "a.png").write_bytes(b"11")
+    with pytest.raises(RuntimeError, match="_inputs"):
+        list(EpochRunner(tmp_path / "s3", {"epochs": "3"}, 3, seed=0, inputs=(masks,), model=torch.nn.Linear(2, 1)))

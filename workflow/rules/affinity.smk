@@ -105,12 +105,17 @@ rule propagate:
 rule make_pseudo_masks:
     input:
         dataset_marker(),
-        rw=f"{RESULTS}/rw/{{chain}}/seed{{seed}}/{{split}}",
+        unpack(pseudo_mask_inputs),
     output:
         masks=directory(f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks"),
     params:
         data=dataset_args(),
-        args=flags(AFF["masks"]),
+        args=flags(AFF["masks"], exclude=("saliency_threshold",)),
+        saliency=lambda w, input: (
+            f"--saliency-dir {input.saliency} --saliency-threshold {AFF['masks']['saliency_threshold']}"
+            if "saliency" in input.keys()
+            else ""
+        ),
     log:
         f"{RESULTS}/logs/make_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log",
     conda:
@@ -121,7 +126,7 @@ rule make_pseudo_masks:
         runtime=runtime_infer,
     shell:
         "python -m pnoc.make_pseudo_masks {params.data} --split {wildcards.split} --rw-dir {input.rw}"
-        " --out-dir {output.masks} --threads {threads} {params.args} 2> {log}"
+        " --out-dir {output.masks} --threads {threads} {params.args} {params.saliency} 2> {log}"
 
 
 rule evaluate_masks:
@@ -153,6 +158,8 @@ rule masks_table:
     output:
         md=f"{RESULTS}/tables/masks.md",
         csv=f"{RESULTS}/tables/masks.csv",
+    params:
+        args=flags({"saliency_method": SAL["method"], "saliency_gate": AFF["masks"]["saliency_threshold"]}),
     log:
         f"{RESULTS}/logs/masks_table.log",
     conda:
@@ -162,7 +169,8 @@ rule masks_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.masks_table --out {output.md} --metrics {input.metrics} 2> {log} && cat {output.md}"
+        "python -m pnoc.masks_table --out {output.md} --metrics {input.metrics} {params.args} 2> {log}"
+        " && cat {output.md}"
 
 
 # the default chain's pseudo masks (eval and val splits) go into results/summary.json

@@ -312,6 +312,15 @@ def affinity_inputs(wildcards):
     return out
 
 
+def pseudo_mask_inputs(wildcards):
+    """Named inputs of make_pseudo_masks: the RW maps and, with ``affinity.masks.saliency_threshold``, the
+    chain's saliency maps of the same split."""
+    out = {"rw": f"{RESULTS}/rw/{wildcards.chain}/seed{wildcards.seed}/{wildcards.split}"}
+    if AFF["masks"].get("saliency_threshold") is not None:
+        out["saliency"] = saliency_maps(wildcards.split, wildcards.seed)
+    return out
+
+
 def affinity_source(wildcards):
     """Network whose backbone AffinityNet freezes: the ordinary classifier, the prior's CAM network, or none."""
     init = AFF["train"]["init"]
