@@ -55,12 +55,9 @@ def prior_flags(prior: str) -> dict:
             "noc": "✓" if base == "pnoc" else ""}
 
 
-def method_names(saliency_method: str) -> dict[str, str]:
-    return {"classic": "classic (IRN)", "saliency": f"saliency ({SALIENCY_NAMES.get(saliency_method, saliency_method)})"}
-
-
 def run(cfg: Config) -> dict:
-    names = method_names(cfg.saliency_method)
+    saliency = SALIENCY_NAMES.get(cfg.saliency_method, cfg.saliency_method)
+    names = {"classic": "classic (IRN)", "saliency": f"saliency ({saliency})"}
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     splits: list[str] = []
     for p in cfg.metrics:
@@ -90,8 +87,7 @@ def run(cfg: Config) -> dict:
         md_rows.append(md)
         csv_rows.append(row)
     gate = "" if cfg.saliency_gate is None else (
-        f", then background where the {SALIENCY_NAMES.get(cfg.saliency_method, cfg.saliency_method)} saliency "
-        f"is ≤ {cfg.saliency_gate:g}, for both label methods")
+        f", then background where the {saliency} saliency is ≤ {cfg.saliency_gate:g}, for both label methods")
     md = ("# Pseudo masks: random walk over the priors (paper Table 7)\n\n"
           f"mIoU (%) of the pseudo masks (RW + dCRF{gate}) next to the prior they started from (best background "
           "threshold of the prior, chosen on the evaluated split); mean ± std over seeds.\n\n"

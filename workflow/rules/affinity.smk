@@ -110,12 +110,8 @@ rule make_pseudo_masks:
         masks=directory(f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks"),
     params:
         data=dataset_args(),
-        args=flags(AFF["masks"], exclude=("saliency_threshold",)),
-        saliency=lambda w, input: (
-            f"--saliency-dir {input.saliency} --saliency-threshold {AFF['masks']['saliency_threshold']}"
-            if "saliency" in input.keys()
-            else ""
-        ),
+        args=flags(AFF["masks"]),
+        saliency=lambda w, input: f"--saliency-dir {input.saliency}" if "saliency" in input.keys() else "",
     log:
         f"{RESULTS}/logs/make_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log",
     conda:
