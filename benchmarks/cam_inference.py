@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pnoc.cam.tta import max_normalize, tta_maps
 from pnoc.data.transforms import normalize, resize_image
 from pnoc.io import save_maps
 from pnoc.models.classifier import create_classifier
-from pnoc.tta import max_normalize, tta_maps
 
 
 def main() -> None:

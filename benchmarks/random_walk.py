@@ -1,4 +1,4 @@
-"""Benchmark: sparse random walk (pnoc.random_walk) vs the reference's dense T^(2^8).
+"""Benchmark: sparse random walk (pnoc.affinity.random_walk) vs the reference's dense T^(2^8).
 
 Two grids (stride 4): a VOC-sized 500×375 image (125×94, n = 11 750) and the demo's
 128×128 image (32×32, n = 1 024). Every measurement runs in its own subprocess so that its
@@ -54,7 +54,7 @@ def _worker(args) -> dict:
     """One measurement; returns seconds and peak memory growth in bytes."""
     import torch
 
-    from pnoc.random_walk import dense_transition, random_walk
+    from pnoc.affinity.random_walk import dense_transition, random_walk
 
     dev = args.device
     cuda = dev.startswith("cuda")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pnoc.cam.train_cam import Config, build
 from pnoc.models.classifier import create_classifier
-from pnoc.train_cam import Config, build
 from pnoc.training import resolve_device, save_weights, set_threads
 
 STRATEGIES = ["cam", "puzzle", "occse", "poc", "pnoc"]

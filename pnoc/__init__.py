@@ -1,3 +1,7 @@
-"""pnoc: P-NOC weakly supervised semantic segmentation, one module per pipeline stage."""
+"""pnoc: P-NOC weakly supervised semantic segmentation.
+
+One wing per rule file (cam, saliency, affinity, segmentation, report), one module per stage, above
+shared machinery (data, models, training, evaluation, io, crf, parallel, cli); see docs/architecture.md.
+"""
 
 __version__ = "0.1.0"

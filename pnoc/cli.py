@@ -105,7 +105,7 @@ def main(run: Callable[[T], Any], cfg_cls: type[T], argv: list[str] | None = Non
     A :class:`pnoc.io.DataError` ends the process with exit code 2 and its message
     (which names the file and the fix) on stderr, without a traceback.
     """
-    from .io import DataError
+    from pnoc.io import DataError
 
     setup_logging()
     cfg = parse(cfg_cls, argv)

@@ -242,7 +242,7 @@ def evaluate_mask_folder(ds, folder, pred_ignore_as: int | None = 0, ignore: int
 
     from PIL import Image
 
-    from .io import DataError, read_mask
+    from pnoc.io import DataError, read_mask
 
     folder = Path(folder)
     n = ds.n_classes + 1

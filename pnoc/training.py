@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .io import atomic_path
+from pnoc.data.transforms import AugmentConfig, Augmenter
+from pnoc.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,9 @@ def poly_factor(step: int, total: int, power: float = 0.9) -> float:
     return max(0.0, 1.0 - step / max(1, total)) ** power
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 def make_optimizer(groups: list[dict], name: str = "sgd", momentum: float = 0.0, nesterov: bool = False,
                    ) -> torch.optim.Optimizer:
     """``sgd`` (the reference's: no momentum unless given) or ``adam``/``adamw``."""
@@ -118,6 +123,57 @@ def make_optimizer(groups: list[dict], name: str = "sgd", momentum: float = 0.0,
 def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9):
     """LambdaLR applying :func:`poly_factor` to every group's base LR (one ``step()`` per optimizer step)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power))
+
+
+# ---------------------------------------------------------------------------- the solver
+@dataclass(kw_only=True)
+class Solver:
+    """Optimisation settings shared by every training stage (detectron2's SOLVER node).
+
+    Each training section of ``config.yaml`` (``classifier``, ``cam``, ``saliency.ccam``,
+    ``saliency.poolnet``, ``affinity.train``, ``segmentation``) holds these keys; the schema
+    describes them once (``$defs/solver``). The defaults here only serve direct library use.
+    """
+
+    epochs: int = 5
+    batch_size: int = 16           # images of one forward step
+    optimizer: str = "sgd"         # sgd | adam | adamw
+    lr: float = 0.01               # base LR, poly decay (power 0.9) where the stage schedules
+    momentum: float = 0.9          # SGD only
+    nesterov: bool = False         # SGD only
+    weight_decay: float = 1e-4
+    crop: int = 128                # square training crop (px)
+    resize_min: int = 96           # random long side before the crop; 0 = keep the image size
+    resize_max: int = 160
+    amp: bool = True               # bf16 autocast on CUDA (ignored on CPU)
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The configured optimizer over parameter groups (see :func:`param_groups`)."""
+        return make_optimizer(groups, self.optimizer, self.momentum, self.nesterov)
+
+    def augmenter(self, augment: str = "none") -> Augmenter:
+        """Random resize (``resize_min: 0`` keeps the size), flip and crop, plus photometric ``augment``."""
+        resize = (self.resize_min, self.resize_max) if self.resize_min > 0 else None
+        return Augmenter(AugmentConfig(self.crop, resize, True, augment))
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    """Where and how a stage runs; none of it changes the result (except ``seed``)."""
+
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    threads: int = 0
+
+
+RUNTIME_ONLY = ("out", "metrics", "state_dir", "num_workers", "threads")
+
+
+def resume_key(cfg) -> dict[str, str]:
+    """The parameters a resume state is keyed on: every field of a stage config except paths
+    of outputs and the pure runtime knobs (a state trained with other values is not resumed)."""
+    return {k: str(v) for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
 
 
 def linear_ramp(a0: float, a1: float, step: int, total: int, fraction: float = 1.0) -> float:
@@ -225,7 +281,7 @@ def save_weights(path: str | Path, state: dict) -> None:
 def load_weights(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        from .io import DataError
+        from pnoc.io import DataError
 
         raise DataError(f"{path}: model file not found; run the training rule that produces it")
     return torch.load(path, map_location="cpu", weights_only=False)

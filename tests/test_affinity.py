@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pnoc.affinity import (
-    affinity_from_boundary,
-    affinity_labels_classic,
-    affinity_labels_saliency,
-    affinity_loss,
-    half_disc_directions,
-    pair_labels,
-    path_index,
-)
+from pnoc.affinity.labels import (affinity_from_boundary, affinity_labels_classic, affinity_labels_saliency,
+                                  affinity_loss, half_disc_directions, pair_labels, path_index)
 from pnoc.models.affinitynet import AffinityNet
 from pnoc.models.backbones import create_backbone
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pnoc import evaluate_masks, make_affinity_labels, make_pseudo_masks, masks_table, propagate, train_affinity
+from pnoc.affinity import (evaluate_masks, make_affinity_labels, make_pseudo_masks, masks_table, propagate,
+                           train_affinity)
+from pnoc.affinity.random_walk import propagate_cams
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import DataError, load_maps, read_mask, save_maps, write_gray, write_image, write_json, write_mask
-from pnoc.random_walk import propagate_cams
+from pnoc.models.affinitynet import affinitynet_from_artifact
 from pnoc.training import save_weights
 
 H = W = 32
@@ -179,7 +181,7 @@ def test_train_affinity_runs_and_learns_from_labels(tmp_path, mini):
         resize_min=28, resize_max=36, device="cpu"))
     assert len(m["epochs"]) == 2 and all(np.isfinite(r["loss"]) for r in m["epochs"])
     assert m["epochs"][0]["pairs_neg_per_image"] > 0 and m["epochs"][0]["pairs_fg_pos_per_image"] > 0
-    model = train_affinity.affinitynet_from_artifact(torch.load(tmp_path / "aff.pt", weights_only=False))
+    model = affinitynet_from_artifact(torch.load(tmp_path / "aff.pt", weights_only=False))
     assert model.boundary(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 8, 8)
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pnoc.losses_ccam import (border_on_fraction, ccam_loss, decide_direction, hint_loss,
-                              rank_weights, sim_max, sim_min)
 from pnoc.models.backbones import create_backbone
 from pnoc.models.ccam import CCAM
+from pnoc.saliency.losses import (border_on_fraction, ccam_loss, decide_direction, hint_loss, rank_weights, sim_max,
+                                  sim_min)
 
 A = 0.25
 LO, HI = 5e-4, 0.9995

@@ -1,14 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from fixtures import make_coco, make_voc
 from PIL import Image
 
 from pnoc.data import open_dataset
 from pnoc.data.loaders import ClassificationSet
-from pnoc.data.transforms import Augmenter, AugmentConfig
+from pnoc.data.transforms import AugmentConfig, Augmenter
 from pnoc.io import DataError, load_maps, read_mask, save_maps, write_mask
-
-from fixtures import make_coco, make_voc
 
 
 def test_voc_layout_labels_and_masks(tmp_path):

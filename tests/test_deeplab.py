@@ -12,7 +12,7 @@ from PIL import Image
 from pnoc.io import read_mask
 from pnoc.models.backbones import create_backbone
 from pnoc.models.deeplab import DeepLabV2, DeepLabV3Plus, create_segmenter
-from pnoc.segmentation_utils import multiscale_logits, to_voc_submission, write_index_png
+from pnoc.segmentation.multiscale import multiscale_logits, to_voc_submission, write_index_png
 
 SMALL = dict(aspp_channels=16, decoder_low_channels=8, decoder_channels=16)
 N_CLASSES = 5

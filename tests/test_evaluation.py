@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pnoc.evaluation import (ThresholdSweep, class_groups, class_statistics, confusion, group_table,
-                             prior_prediction, scores)
+from pnoc.evaluation import (ThresholdSweep, class_groups, class_statistics, confusion, group_table, prior_prediction,
+                             scores)
 
 
 def test_confusion_and_miou_by_hand():

@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, smoke_config, snakemake, venv_env
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from pnoc.cam.tta import max_normalize, tta_maps
 from pnoc.models import create_backbone, create_classifier
 from pnoc.models.backbones import load_backbone_weights
-from pnoc.tta import max_normalize, tta_maps
 
 
 @pytest.mark.parametrize("name,os_,expect", [("resnet18_w8", 8, 8), ("resnet18_w8", 16, 4), ("resnet18", 16, 4),

@@ -3,14 +3,9 @@
 import pytest
 import torch
 
-from pnoc.affinity import half_disc_directions
-from pnoc.random_walk import (
-    dense_transition,
-    propagate_cams,
-    random_walk,
-    random_walk_dense,
-    transition_from_boundary,
-)
+from pnoc.affinity.labels import half_disc_directions
+from pnoc.affinity.random_walk import (dense_transition, propagate_cams, random_walk, random_walk_dense,
+                                       transition_from_boundary)
 
 
 def _inputs(seed=0, h=12, w=15, k=3):

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fixtures import make_voc
-from pnoc import evaluate_saliency, extract_hints, infer_poolnet, infer_saliency, train_ccam, train_poolnet
+
 from pnoc.io import DataError, read_gray, read_mask, save_maps, write_gray, write_mask
 from pnoc.models.ccam import create_ccam
+from pnoc.saliency import evaluate_saliency, extract_hints, infer_poolnet, infer_saliency, train_ccam, train_poolnet
 from pnoc.training import load_weights, save_weights
 
 H, W = 24, 32

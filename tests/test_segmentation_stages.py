@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import snakemake
 from fixtures import make_voc
-from pnoc import evaluate_segmentation, gallery, infer_segmentation, report_tables, train_segmentation
+from PIL import Image
+
 from pnoc.data import open_dataset
 from pnoc.evaluation import evaluate_mask_folder
 from pnoc.io import DataError, read_mask, voc_palette, write_gray, write_mask
 from pnoc.models.classifier import create_classifier
+from pnoc.models.deeplab import build_segmenter, segmenter_from_artifact
+from pnoc.report import gallery, report_tables
+from pnoc.segmentation import evaluate_segmentation, infer_segmentation, train_segmentation
 from pnoc.training import save_weights
 
 TINY = dict(backbone="resnet18_w8", aspp_channels=16, decoder_low_channels=8, decoder_channels=16, epochs=1,
@@ -108,7 +110,7 @@ def test_train_infer_evaluate_roundtrip(tmp_path):
     assert state["arch"]["n_classes"] == 21
     # the backbone starts from the classifier's (one training step moved it only slightly)
     w = "net.conv1.weight"
-    init = train_segmentation.build_segmenter(state["arch"])
+    init = build_segmenter(state["arch"])
     train_segmentation.init_from_classifier(init, tmp_path / "clf.pt", "resnet18_w8")
     assert all(torch.equal(v, clf.backbone.state_dict()[k]) for k, v in init.backbone.state_dict().items())
     delta = (state["model"]["backbone." + w] - clf.backbone.state_dict()[w]).abs().max()
@@ -161,7 +163,7 @@ def test_adamw_and_custom_aspp_rates_roundtrip(tmp_path):
     assert np.isfinite(m["final"]["loss"])
     state = torch.load(tmp_path / "m.pt", weights_only=False)
     assert tuple(state["arch"]["widths"]["aspp_rates"]) == (2, 4, 6)
-    model = train_segmentation.segmenter_from_artifact(state)
+    model = segmenter_from_artifact(state)
     convs = [mod.dilation[0] for mod in model.aspp.modules()
              if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3)]
     assert convs == [2, 4, 6]

@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
+from pnoc.cam.strategies import erased_targets, hard_erase, merge, psi, puzzle_losses, sample_classes, soft_erase, tile
+from pnoc.cam.train_cam import CamTrainer, Config
 from pnoc.models.classifier import create_classifier
-from pnoc.strategies import erased_targets, hard_erase, merge, psi, puzzle_losses, sample_classes, soft_erase, tile
-from pnoc.train_cam import CamTrainer, Config
 from pnoc.training import make_optimizer, make_scaler, param_groups, poly_scheduler
 
 
@@ -134,3 +134,4 @@ def test_noc_trains_on_hard_masked_images_and_bn_stays_frozen():
     for k, v in tr.noc.state_dict().items():
         if k in bn_before:
             assert torch.equal(v, bn_before[k]), k
+

@@ -12,11 +12,9 @@ from PIL import Image
 
 from pnoc import cli
 from pnoc.data.datasets import WSSSDataset
-from pnoc.data.synthetic import (
-    CLASS_NAMES, CONTEXT_TEXTURES, SyntheticConfig, generate, image_id, render_image,
-)
+from pnoc.data.make_dataset import Config, run
+from pnoc.data.synthetic import CLASS_NAMES, CONTEXT_TEXTURES, SyntheticConfig, generate, image_id, render_image
 from pnoc.io import read_image, read_mask
-from pnoc.make_dataset import Config, run
 
 SMALL = dict(image_size=64, n_classes=5, seed=3)
 

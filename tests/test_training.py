@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pnoc.losses import multilabel_soft_margin, smooth_labels
+from pnoc.cam.losses import multilabel_soft_margin, smooth_labels
 from pnoc.training import (Checkpointer, linear_ramp, make_optimizer, param_groups, poly_factor, poly_scheduler,
                            resolve_device)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, smoke_config, snakemake, venv_env
 
 
@@ -109,7 +108,7 @@ def test_smoke_dag_end_to_end(smoke_run):
 
 
 def _train_cmd(tmp, root, out, state, epochs=3):
-    return [sys.executable, "-m", "pnoc.train_classifier", "--dataset", "synthetic", "--root", str(root),
+    return [sys.executable, "-m", "pnoc.cam.train_classifier", "--dataset", "synthetic", "--root", str(root),
             "--out", str(out / "model.pt"), "--metrics", str(out / "metrics.json"), "--state-dir", str(state),
             "--backbone", "resnet18_w8", "--epochs", str(epochs), "--batch-size", "8", "--crop", "64",
             "--resize-min", "56", "--resize-max", "72", "--threads", "1", "--seed", "3"]

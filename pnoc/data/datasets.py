@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import DataError, read_image, read_lines, read_mask
+from pnoc.io import DataError, read_image, read_lines, read_mask
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..io import DataError, read_mask
-from .datasets import WSSSDataset
-from .transforms import Augmenter, to_tensor_image
+from pnoc.data.datasets import WSSSDataset
+from pnoc.data.transforms import Augmenter, to_tensor_image
+from pnoc.io import DataError, read_mask
 
 
 class ClassificationSet(Dataset):

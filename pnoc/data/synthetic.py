@@ -49,7 +49,7 @@ from xml.sax.saxutils import escape
 import cv2
 import numpy as np
 
-from ..io import write_image, write_json, write_mask, write_text
+from pnoc.io import write_image, write_json, write_mask, write_text
 
 log = logging.getLogger("pnoc.synthetic")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import FEATURES, Backbone, freeze_bn
+from pnoc.models.backbones import FEATURES, Backbone, create_backbone, freeze_bn
 
 
 class AffinityNet(nn.Module):
@@ -98,3 +98,11 @@ class AffinityNet(nn.Module):
         logits = self(torch.cat([x, x.flip(-1)], dim=0))
         b = x.shape[0]
         return torch.sigmoid(0.5 * (logits[:b] + logits[b:].flip(-1)))
+
+
+def affinitynet_from_artifact(state: dict) -> AffinityNet:
+    """Rebuild a trained AffinityNet from its ``model.pt`` (the frozen backbone is stored too)."""
+    arch = state["arch"]
+    model = AffinityNet(create_backbone(arch["backbone"], arch["output_stride"], "none"), arch["branch_channels"])
+    model.load_state_dict(state["model"])
+    return model

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ partition vectors
 
 Both vectors are divided by the full pixel count h·w, not by Σp (as the reference does), so
 an almost-empty partition yields a short vector rather than an amplified noisy one. The
-contrastive losses over these vectors live in :mod:`pnoc.losses_ccam`.
+contrastive losses over these vectors live in :mod:`pnoc.saliency.losses`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import Backbone, create_backbone
+from pnoc.models.backbones import Backbone, create_backbone
 
 
 class CCAM(nn.Module):

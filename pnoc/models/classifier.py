@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .backbones import Backbone, create_backbone, freeze_bn
+from pnoc.io import DataError
+from pnoc.models.backbones import Backbone, create_backbone, freeze_bn
+from pnoc.training import load_weights
 
 
 class Classifier(nn.Module):
@@ -66,3 +68,33 @@ def classifier_from_artifact(state: dict) -> Classifier:
     model = create_classifier(arch["backbone"], arch["n_classes"], arch["output_stride"], "none")
     model.load_state_dict(state["model"])
     return model
+
+
+def classifier_backbone_state(path: str | Path) -> tuple[dict, dict]:
+    """Architecture and backbone weights of an ordinary-classifier artifact.
+
+    The synthetic benchmark has no ImageNet: the classifier trained on its images plays the
+    role of the pretrained backbone for every later network (C²AM, PoolNet).
+
+    Args:
+        path: ``results/classifier/seed<k>/model.pt``.
+
+    Returns:
+        (arch dict with ``backbone`` and ``output_stride``, state dict of ``Backbone.net``).
+    """
+    state = load_weights(path)
+    if "arch" not in state or "model" not in state:
+        raise DataError(f"{path}: not a classifier artifact (no 'arch'/'model'); rerun rule train_classifier")
+    prefix = "backbone.net."
+    sd = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    if not sd:
+        raise DataError(f"{path}: holds no backbone weights; rerun rule train_classifier")
+    return state["arch"], sd
+
+
+def load_backbone_state(backbone: torch.nn.Module, sd: dict, source: str | Path) -> None:
+    """Load ``Backbone.net`` weights strictly (stride/dilation changes keep the shapes)."""
+    try:
+        backbone.net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise DataError(f"{source}: backbone weights do not fit ({e}); check the backbone name in the config") from e

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pnoc.io import DataError
 from pnoc.models.backbones import Backbone, create_backbone
 
 GN_GROUPS = 4  # reference use_gn=true: GroupNorm with 4 groups in ASPP/decoder
@@ -236,3 +237,18 @@ def create_segmenter(arch: str, backbone_name: str, n_classes: int, output_strid
             widths["aspp_rates"] = tuple(r * 16 // output_stride for r in DEFAULT_V3P_RATES)
         return DeepLabV3Plus(backbone, n_classes, **widths)
     return DeepLabV2(backbone, n_classes, **widths)
+
+
+def build_segmenter(spec: dict, weights: str = "none"):
+    return create_segmenter(spec["arch"], spec["backbone"], spec["n_classes"], spec["output_stride"], weights,
+                            **dict(spec.get("widths", {})))
+
+
+def segmenter_from_artifact(state: dict):
+    """Rebuild a segmentation network from a ``train_segmentation`` artifact."""
+    if "arch" not in state or "model" not in state or "arch" not in state["arch"]:
+        raise DataError("the model file is not a train_segmentation artifact (no 'arch'/'model'); "
+                        "point --model at results/segmentation/<variant>/seed<k>/model.pt")
+    model = build_segmenter(state["arch"])
+    model.load_state_dict(state["model"])
+    return model

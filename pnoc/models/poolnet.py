@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import Backbone, create_backbone, freeze_bn
+from pnoc.models.backbones import Backbone, create_backbone, freeze_bn
 
 LEVELS = ("layer4", "layer3", "layer2", "layer1")  # top-down order
 

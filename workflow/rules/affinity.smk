@@ -39,7 +39,7 @@ rule make_affinity_labels:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.make_affinity_labels {params.data} --split {params.split} --method {params.method}"
+        "python -m pnoc.affinity.make_affinity_labels {params.data} --split {params.split} --method {params.method}"
         " --cams-dir {input.cams} {params.saliency} --out-dir {output.labels} --threads {threads}"
         " {params.args} 2> {log}"
 
@@ -70,7 +70,7 @@ rule train_affinity:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.train_affinity {params.data} --split {params.split} --labels {input.labels}"
+        "python -m pnoc.affinity.train_affinity {params.data} --split {params.split} --labels {input.labels}"
         " {params.source} --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
         " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
         " --threads {threads} {params.args} 2> {log}"
@@ -97,7 +97,7 @@ rule propagate:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.propagate {params.data} --split {wildcards.split} --model {input.model}"
+        "python -m pnoc.affinity.propagate {params.data} --split {wildcards.split} --model {input.model}"
         " --cams-dir {input.cams} --out-dir {output.rw} --device {params.device} --threads {threads}"
         " {params.args} 2> {log}"
 
@@ -121,7 +121,7 @@ rule make_pseudo_masks:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.make_pseudo_masks {params.data} --split {wildcards.split} --rw-dir {input.rw}"
+        "python -m pnoc.affinity.make_pseudo_masks {params.data} --split {wildcards.split} --rw-dir {input.rw}"
         " --out-dir {output.masks} --threads {threads} {params.args} {params.saliency} 2> {log}"
 
 
@@ -144,7 +144,7 @@ rule evaluate_masks:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.evaluate_masks {params.data} --split {wildcards.split} --variant {wildcards.chain}"
+        "python -m pnoc.affinity.evaluate_masks {params.data} --split {wildcards.split} --variant {wildcards.chain}"
         " --masks-dir {input.masks} --prior-metrics {input.prior} --out {output.metrics} 2> {log}"
 
 
@@ -165,7 +165,7 @@ rule masks_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.masks_table --out {output.md} --metrics {input.metrics} {params.args} 2> {log}"
+        "python -m pnoc.affinity.masks_table --out {output.md} --metrics {input.metrics} {params.args} 2> {log}"
         " && cat {output.md}"
 
 

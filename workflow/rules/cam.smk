@@ -25,7 +25,7 @@ rule train_classifier:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.train_classifier {params.data} --split {params.split} --val-split {params.val}"
+        "python -m pnoc.cam.train_classifier {params.data} --split {params.split} --val-split {params.val}"
         " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
         " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
         " --threads {threads} {params.args} 2> {log}"
@@ -51,7 +51,7 @@ rule infer_cams:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.infer_cams {params.data} --split {wildcards.split} --model {input.model}"
+        "python -m pnoc.cam.infer_cams {params.data} --split {wildcards.split} --model {input.model}"
         " --out-dir {output.cams} --device {params.device} --threads {threads} {params.args} 2> {log}"
 
 
@@ -75,7 +75,7 @@ rule evaluate_priors:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.evaluate_priors {params.data} --split {wildcards.split} --variant {wildcards.variant}"
+        "python -m pnoc.cam.evaluate_priors {params.data} --split {wildcards.split} --variant {wildcards.variant}"
         " --maps-dir {input.cams} --out {output.metrics} --masks-dir {output.masks} {params.args} 2> {log}"
 
 
@@ -107,7 +107,7 @@ rule train_cam:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.train_cam {params.data} --split {params.split} --eval-split {params.eval_split}"
+        "python -m pnoc.cam.train_cam {params.data} --split {params.split} --eval-split {params.eval_split}"
         " --classifier {input.classifier} --strategy {params.strategy} --label-smoothing {params.ls}"
         " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
         " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
@@ -134,5 +134,5 @@ rule priors_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.tables priors --out {output.md} --priors {input.metrics}"
+        "python -m pnoc.cam.priors_table --out {output.md} --priors {input.metrics}"
         " --training {input.training} 2> {log} && cat {output.md}"

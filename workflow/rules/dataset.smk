@@ -16,4 +16,4 @@ if DATASET["name"] == "synthetic":
             mem_mb=2000,
             runtime=15,
         shell:
-            "python -m pnoc.make_dataset --out $(dirname {output.meta}) {params.args} 2> {log}"
+            "python -m pnoc.data.make_dataset --out $(dirname {output.meta}) {params.args} 2> {log}"

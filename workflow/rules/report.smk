@@ -35,7 +35,7 @@ rule report_tables:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.report_tables --out-dir {params.out} --metrics {params.pages}"
+        "python -m pnoc.report.report_tables --out-dir {params.out} --metrics {params.pages}"
         " --summary {input.summary} 2> {log}"
 
 
@@ -65,5 +65,5 @@ rule gallery:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.gallery {params.data} --split {params.split} --out-dir {output.panels}"
+        "python -m pnoc.report.gallery {params.data} --split {params.split} --out-dir {output.panels}"
         " {params.columns} {params.args} 2> {log}"

@@ -30,7 +30,7 @@ rule extract_hints:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.extract_hints {params.data} --split {wildcards.split} --cams-dir {input.cams}"
+        "python -m pnoc.saliency.extract_hints {params.data} --split {wildcards.split} --cams-dir {input.cams}"
         " --out-dir {output.hints} {params.args} 2> {log}"
 
 
@@ -64,7 +64,7 @@ rule train_ccam:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.train_ccam {params.data} --split {params.split} --method {wildcards.method}"
+        "python -m pnoc.saliency.train_ccam {params.data} --split {params.split} --method {wildcards.method}"
         " --hints {input.hints} {params.classifier} --fg-threshold {params.fg} --bg-threshold {params.bg}"
         " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
         " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
@@ -94,7 +94,7 @@ rule infer_saliency:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.infer_saliency {params.data} --split {wildcards.split} --model {input.model}"
+        "python -m pnoc.saliency.infer_saliency {params.data} --split {wildcards.split} --model {input.model}"
         " --raw-dir {output.raw} --pseudo-dir {output.pseudo} --device {params.device}"
         " --threads {threads} {params.args} 2> {log}"
 
@@ -127,7 +127,7 @@ rule train_poolnet:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.train_poolnet {params.data} --split {params.split} --masks {input.masks}"
+        "python -m pnoc.saliency.train_poolnet {params.data} --split {params.split} --masks {input.masks}"
         " {params.classifier} --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
         " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
         " --threads {threads} {params.args} 2> {log}"
@@ -155,7 +155,7 @@ rule infer_poolnet:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.infer_poolnet {params.data} --split {wildcards.split} --model {input.model}"
+        "python -m pnoc.saliency.infer_poolnet {params.data} --split {wildcards.split} --model {input.model}"
         " --out-dir {output.maps} --device {params.device} --threads {threads} {params.args} 2> {log}"
 
 
@@ -184,7 +184,7 @@ rule evaluate_saliency:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.evaluate_saliency {params.data} --split {wildcards.split} --variant {wildcards.variant}"
+        "python -m pnoc.saliency.evaluate_saliency {params.data} --split {wildcards.split} --variant {wildcards.variant}"
         " --maps-dir {input.maps} --maps-format {params.fmt} --cams-dir {input.cams} --cam-variant {params.prior}"
         " --out {output.metrics} --masks-dir {output.masks} {params.args} 2> {log}"
 
@@ -208,7 +208,7 @@ rule saliency_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.saliency_table --out {output.md} --metrics {input.metrics} --hints {params.hints}"
+        "python -m pnoc.saliency.saliency_table --out {output.md} --metrics {input.metrics} --hints {params.hints}"
         " --training {input.training} 2> {log} && cat {output.md}"
 
 

@@ -39,7 +39,7 @@ rule train_segmentation:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.train_segmentation {params.data} --split {params.split} --variant {wildcards.variant}"
+        "python -m pnoc.segmentation.train_segmentation {params.data} --split {params.split} --variant {wildcards.variant}"
         " --arch {params.arch} --masks-dir {params.masks} {params.init}"
         " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
         " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
@@ -68,7 +68,7 @@ rule infer_segmentation:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.infer_segmentation {params.data} --split {wildcards.split} --model {input.model}"
+        "python -m pnoc.segmentation.infer_segmentation {params.data} --split {wildcards.split} --model {input.model}"
         " --out-dir {output.masks} --device {params.device} --threads {threads} {params.args} 2> {log}"
 
 
@@ -92,7 +92,7 @@ rule evaluate_segmentation:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.evaluate_segmentation {params.data} --split {wildcards.split} --variant {wildcards.variant}"
+        "python -m pnoc.segmentation.evaluate_segmentation {params.data} --split {wildcards.split} --variant {wildcards.variant}"
         " --masks-dir {input.masks} --out {output.metrics} 2> {log}"
 
 

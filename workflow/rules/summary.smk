@@ -18,5 +18,5 @@ rule summary:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.summary --dataset-root {params.root} --out {output.json} --metrics {input} 2> {log}"
+        "python -m pnoc.report.summary --dataset-root {params.root} --out {output.json} --metrics {input} 2> {log}"
         " && cat {output.md}"

@@ -1,0 +1,2 @@
+"""Segmentation wing (workflow/rules/segmentation.smk): DeepLab training on pseudo masks, multi-scale
+inference and evaluation."""
