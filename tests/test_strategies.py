@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from pnoc.cam.losses import multilabel_soft_margin
 from pnoc.cam.strategies import erased_targets, hard_erase, merge, psi, puzzle_losses, sample_classes, soft_erase, tile
 from pnoc.cam.train_cam import CamTrainer, Config
 from pnoc.models.classifier import create_classifier
@@ -135,3 +136,80 @@ def test_noc_trains_on_hard_masked_images_and_bn_stays_frozen():
         if k in bn_before:
             assert torch.equal(v, bn_before[k]), k
 
+
+# ---------------------------------------------------------------------------- gradient flow (issue 12)
+# Each test below fails when a detach is added where the method needs gradient, or removed where it
+# must not flow; checked by comparing the gradients of f before the optimizer step (accumulate = 2).
+
+def _f_grads(strategy, it, **cfg):
+    tr = _trainer(strategy)
+    tr.cfg.accumulate = 2  # (it + 1) % 2 != 0 for even it: no optimizer step, gradients stay in .grad
+    for k, v in cfg.items():
+        setattr(tr.cfg, k, v)
+    tr.iteration = it
+    torch.manual_seed(1)  # the same sampled class r in every call
+    parts = tr.step(X, Y)
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in tr.f.parameters()], parts, tr
+
+
+def test_cse_gradient_reaches_f_through_the_soft_mask():
+    """OC-CSE: oc is frozen and the input carries no gradient, so L_cse reaches f only through ψ(A^r)."""
+    g0, _, _ = _f_grads("occse", 0, cse_min=0.0, cse_max=0.0)
+    g1, parts, _ = _f_grads("occse", 0, cse_min=1.0, cse_max=1.0)
+    assert parts["cse"] > 0
+    diff = sum(float((a - b).abs().sum()) for a, b in zip(g0, g1))
+    assert diff > 1e-6  # a detached mask gives exactly the same gradients as lambda_cse = 0
+
+
+def test_noc_hard_mask_is_detached_from_f():
+    """P-NOC: noc's own loss must leave f's gradients unchanged (the hard mask is detached)."""
+    g0, _, _ = _f_grads("pnoc", 4, noc_max=0.0)
+    g1, parts, _ = _f_grads("pnoc", 4, noc_max=1.0)
+    assert parts["noc"] > 0 and parts["lambda_noc"] > 0
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm", ["image", "batch"])
+def test_noc_trains_on_the_full_labels_of_the_per_sample_hard_mask(norm):
+    """L_noc = MLSM(noc(x ∘ hard(ψ_image(A^r))), y): the full label set (not y without r) and a
+    per-sample normalised mask, whatever cse_mask_norm says (the authors' hard_mask_images)."""
+    y1 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # one class per image: r is fixed
+    tr = _trainer("pnoc")
+    tr.cfg.cse_mask_norm = norm
+    tr.cfg.accumulate = 2
+    tr.iteration = 4
+    noc0 = copy.deepcopy(tr.noc)
+    f0 = copy.deepcopy(tr.f)
+    parts = tr.step(X, y1)
+    with torch.no_grad():
+        _, cam = f0(X)
+        r = y1.argmax(1)
+        mask = psi(cam[torch.arange(2), r].float(), X.shape[-2:], "image")
+        logits, _ = noc0(hard_erase(X, mask, tr.cfg.noc_delta, tr.cfg.noc_mask_rule))
+        full = multilabel_soft_margin(logits, y1, tr.cfg.label_smoothing).item()
+        erased = multilabel_soft_margin(logits, erased_targets(y1, r), tr.cfg.label_smoothing).item()
+    assert parts["noc"] == pytest.approx(full, rel=1e-5)
+    assert abs(full - erased) > 1e-3
+
+
+def test_both_sides_of_the_reconstruction_loss_carry_gradient():
+    torch.manual_seed(0)
+    cam = torch.randn(2, 3, 4, 4, requires_grad=True)
+    cam_re = torch.randn(2, 3, 4, 4, requires_grad=True)
+    _, l_re = puzzle_losses(None, cam, cam_re, Y)
+    l_re.backward()
+    assert cam.grad.abs().sum() > 0 and cam_re.grad.abs().sum() > 0
+    # opposite signs on the entries of present classes: |A - A_re| pulls both towards each other
+    present = Y[:, :, None, None].expand_as(cam).bool()
+    assert torch.equal(cam.grad[present], -cam_re.grad[present])
+
+
+@pytest.mark.parametrize("strategy", ["cam", "pnoc"])
+def test_accumulation_sums_like_the_reference_or_averages(strategy):
+    """accumulate_loss: sum (authors: each iteration's loss backpropagated as is) gives exactly
+    accumulate x the gradients of mean (ours: loss / accumulate)."""
+    g_mean, _, _ = _f_grads(strategy, 0, accumulate_loss="mean")
+    g_sum, _, _ = _f_grads(strategy, 0, accumulate_loss="sum")
+    for a, b in zip(g_mean, g_sum):
+        assert torch.allclose(2 * a, b, rtol=1e-5, atol=1e-7)

@@ -58,7 +58,7 @@ PAPER_SETTINGS = {  # keys the demo tunes away from the reference; VOC/COCO must
     "affinity.masks.crf_t": 1, "affinity.masks.crf_gt_prob": 0.9, "segmentation.optimizer": "sgd",
     "segmentation.aspp_rates": [], "segmentation.norm": "gn", "segmentation.dropout": 0.5,
     "segmentation.label_smoothing": 0.1, "segmentation.augment": "colorjitter", "segmentation.head_lr_mult": 10.0,
-    "segmentation.scales": [0.5, 1.0, 1.5, 2.0], "saliency.method": "c2amh",
+    "segmentation.scales": [0.5, 1.0, 1.5, 2.0], "saliency.method": "c2amh", "cam.accumulate_loss": "sum",
     "affinity.labels.saliency.salient_threshold": None, "affinity.masks.saliency_threshold": None,
 }
 

@@ -11,7 +11,10 @@
 The reference code differs from the paper in three places; each is a named option with
 the paper's behaviour as default (see workflow/schemas/config.schema.yaml):
 ``cse_mask_norm`` (image | batch), ``noc_mask_rule`` (paper | reference) and
-``noc_cse_leak`` (false | true: noc also receives λ_cse·L_cse gradients).
+``noc_cse_leak`` (false | true: noc also receives λ_cse·L_cse gradients). ``accumulate_loss``
+(mean | sum) says how the losses of ``accumulate`` iterations form one step: mean divides each by
+``accumulate`` (one large batch); sum is the authors' (twice the effective LR at accumulate 2), and
+config/voc12.yaml and coco14.yaml set it. noc's hard mask is always normalised per sample.
 
 f and oc/noc start from the ordinary classifier's weights (``init: classifier``; the
 synthetic stand-in for ImageNet weights) or from the backbone weights
@@ -38,12 +41,14 @@ from pnoc.data import open_dataset
 from pnoc.data.loaders import ClassificationSet, epoch_loader
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import ThresholdSweep
-from pnoc.io import write_csv, write_json
+from pnoc.io import DataError, write_csv, write_json
 from pnoc.models.classifier import classifier_from_artifact, create_classifier
 from pnoc.training import (EpochRunner, Runtime, Solver, autocast, linear_ramp, load_weights, make_scaler, param_groups,
                            poly_scheduler, resolve_device, resume_key, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.cam.train_cam")
+
+ACCUMULATE_LOSS = ("mean", "sum")
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Config(Solver, Runtime):
     output_stride: int = 8
     weights: str = "none"
     accumulate: int = 1
+    accumulate_loss: str = "mean"
     head_lr_mult: float = 1.0
     augment: str = "colorjitter"
     re_max: float = 4.0
@@ -170,7 +176,10 @@ class CamTrainer:
                 l_cse = multilabel_soft_margin(oc_logits, erased_targets(y, r), a)
                 loss = loss + lam["cse"] * l_cse
                 parts["cse"] = l_cse.item()
-        self.scaler.scale(loss / c.accumulate).backward()
+        # mean: loss / accumulate (the step equals one large batch); sum (authors): the losses of the
+        # accumulated iterations add up, i.e. accumulate x the effective learning rate
+        share = 1.0 / c.accumulate if c.accumulate_loss == "mean" else 1.0
+        self.scaler.scale(loss * share).backward()
         parts["loss"] = loss.item()
         stepping = (it + 1) % c.accumulate == 0
         if stepping:
@@ -182,10 +191,13 @@ class CamTrainer:
             self._noc_trainable(True)
             if it % c.noc_interval == 0:
                 with autocast(dev, c.amp):
-                    hard = hard_erase(x, mask, c.noc_delta, c.noc_mask_rule)
+                    # the authors' hard_mask_images normalises each sample by its own max, whatever
+                    # cse_mask_norm says (a batch-normalised mask would leave most images unerased)
+                    hard_mask = psi(cam_r.detach(), x.shape[-2:], "image")
+                    hard = hard_erase(x, hard_mask, c.noc_delta, c.noc_mask_rule)
                     noc_logits, _ = self.noc(hard)
                     l_noc = multilabel_soft_margin(noc_logits, y, a)
-                (lam["noc"] * l_noc / c.accumulate).backward()
+                (lam["noc"] * l_noc * share).backward()
                 parts["noc"] = l_noc.item()
             if stepping:
                 self.noc_opt.step()
@@ -229,6 +241,8 @@ def build(cfg: Config, n_classes: int, device: torch.device, total_iters: int):
 
 
 def run(cfg: Config) -> dict:
+    if cfg.accumulate_loss not in ACCUMULATE_LOSS:
+        raise DataError(f"accumulate_loss={cfg.accumulate_loss!r}: use one of {ACCUMULATE_LOSS}")
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
