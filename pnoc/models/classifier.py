@@ -74,7 +74,7 @@ def classifier_backbone_state(path: str | Path) -> tuple[dict, dict]:
     """Architecture and backbone weights of an ordinary-classifier artifact.
 
     The synthetic benchmark has no ImageNet: the classifier trained on its images plays the
-    role of the pretrained backbone for every later network (C²AM, PoolNet).
+    role of the pretrained backbone for every later network (C²AM, PoolNet, AffinityNet).
 
     Args:
         path: ``results/classifier/seed<k>/model.pt``.
