@@ -199,6 +199,23 @@ def group_table(iou: np.ndarray, class_names: list[str], groups: dict[str, list[
     return rows
 
 
+def percent_mean_std(values) -> str:
+    """Scores in [0, 1] as ``"mean ± std"`` in % over seeds (std with ddof 1; the mean alone for one value).
+
+    ``None`` entries (a stage that did not report the score) are left out; no value at all gives ``""``.
+    """
+    v = 100 * np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return ""
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def mean_of_present(values) -> float | None:
+    """Mean of the entries that are not ``None``; ``None`` when there are none."""
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "{:.3f}") -> str:
     """Render rows as a GitHub markdown table."""
     if not rows:

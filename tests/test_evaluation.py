@@ -73,3 +73,13 @@ def test_class_statistics_and_groups():
     assert groups["occurrence: high freq."] == ["a"]
     rows = group_table(np.array([0.9, 0.5, 0.4, 0.0]), ["a", "b", "c"], groups, st)
     assert rows[0]["miou"] == pytest.approx(0.45)
+
+
+def test_percent_mean_std_and_mean_of_present():
+    from pnoc.evaluation import mean_of_present, percent_mean_std
+
+    assert percent_mean_std([0.3, 0.5]) == "40.00 ± 14.14"
+    assert percent_mean_std([0.25, None]) == "25.00"
+    assert percent_mean_std([None]) == ""
+    assert mean_of_present([0.2, None, 0.4]) == pytest.approx(0.3)
+    assert mean_of_present([None]) is None

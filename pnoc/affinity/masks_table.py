@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pnoc import cli
-from pnoc.evaluation import markdown_table
+from pnoc.evaluation import markdown_table, mean_of_present, percent_mean_std
 from pnoc.io import read_json, write_csv, write_text
 
 log = logging.getLogger("pnoc.affinity.masks_table")
@@ -34,18 +34,6 @@ class Config:
     metrics: list[Path] = field(default_factory=list)
     saliency_method: str = "c2amh"
     saliency_gate: float | None = None
-
-
-def _pm(values) -> str:
-    v = 100 * np.asarray([x for x in values if x is not None], dtype=float)
-    if v.size == 0:
-        return ""
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
-
-
-def _mean(values):
-    v = [x for x in values if x is not None]
-    return float(np.mean(v)) if v else None
 
 
 def prior_flags(prior: str) -> dict:
@@ -79,11 +67,11 @@ def run(cfg: Config) -> dict:
             rw = [m["miou"] for m in ms]
             pr = [m.get("prior_miou") for m in ms]
             gain = [m["miou"] - m["prior_miou"] for m in ms if m.get("prior_miou") is not None]
-            md[f"prior {split}"] = _pm(pr)
-            md[f"pseudo masks {split}"] = _pm(rw)
-            md[f"Δ {split}"] = (("+" if np.mean(gain) >= 0 else "") + _pm(gain)) if gain else ""
-            row.update({f"prior_miou_{split}": _mean(pr), f"miou_{split}": _mean(rw), f"gain_{split}": _mean(gain),
-                        f"seeds_{split}": len(ms)})
+            md[f"prior {split}"] = percent_mean_std(pr)
+            md[f"pseudo masks {split}"] = percent_mean_std(rw)
+            md[f"Δ {split}"] = (("+" if np.mean(gain) >= 0 else "") + percent_mean_std(gain)) if gain else ""
+            row.update({f"prior_miou_{split}": mean_of_present(pr), f"miou_{split}": mean_of_present(rw),
+                        f"gain_{split}": mean_of_present(gain), f"seeds_{split}": len(ms)})
         md_rows.append(md)
         csv_rows.append(row)
     gate = "" if cfg.saliency_gate is None else (

@@ -16,15 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from pnoc.cli import setup_logging
-from pnoc.evaluation import markdown_table
+from pnoc.evaluation import markdown_table, percent_mean_std
 from pnoc.io import read_json, write_csv, write_text
 
 log = logging.getLogger("pnoc.cam.priors_table")
-
-
-def _pm(values) -> str:
-    v = 100 * np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
 
 
 def _variant_of(path: str) -> str:
@@ -52,8 +47,8 @@ def priors_table(priors: list[str], training: list[str]) -> tuple[str, list[dict
         row = {"variant": v, "seeds": len(by_var[v])}
         for e in range(n_epochs):
             vals = [t["epochs"][e]["prior_miou_no_tta"] for t in ts if len(t["epochs"]) > e]
-            row[f"ep{e + 1}"] = _pm(vals) if vals else ""
-        row["final (TTA)"] = _pm([m["miou"] for m in by_var[v]])
+            row[f"ep{e + 1}"] = percent_mean_std(vals) if vals else ""
+        row["final (TTA)"] = percent_mean_std([m["miou"] for m in by_var[v]])
         row["threshold"] = f"{np.mean([m['threshold'] for m in by_var[v]]):.2f}"
         row["_cost"] = cost
         rows2.append(row)
@@ -70,7 +65,7 @@ def priors_table(priors: list[str], training: list[str]) -> tuple[str, list[dict
     for c in classes:
         row = {"class": c}
         for v in variants:
-            row[v] = _pm([m["per_class_iou"][c] for m in by_var[v]])
+            row[v] = percent_mean_std([m["per_class_iou"][c] for m in by_var[v]])
         rows3.append(row)
     groups = [g["group"] for g in next(iter(by_var.values()))[0]["class_groups"]]
     rows_g = []
@@ -78,7 +73,7 @@ def priors_table(priors: list[str], training: list[str]) -> tuple[str, list[dict
         row = {"group": g, "classes": next(iter(by_var.values()))[0]["class_groups"][gi]["classes"]}
         for v in variants:
             vals = [m["class_groups"][gi]["miou"] for m in by_var[v]]
-            row[v] = _pm(vals) if not g.startswith("correlation") else f"{np.nanmean(vals):+.2f}"
+            row[v] = percent_mean_std(vals) if not g.startswith("correlation") else f"{np.nanmean(vals):+.2f}"
         rows_g.append(row)
     md = ("# Priors (paper Tables 2 and 3)\n\nmIoU (%) on the evaluated split; mean ± std over seeds. "
           "Per-epoch columns: single scale, no flip; final: TTA.\n\n" + markdown_table(rows2)

@@ -14,10 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from pnoc import cli
-from pnoc.evaluation import markdown_table
+from pnoc.evaluation import markdown_table, mean_of_present, percent_mean_std
 from pnoc.io import read_json, write_csv, write_text
 
 log = logging.getLogger("pnoc.saliency.saliency_table")
@@ -31,18 +29,6 @@ class Config:
     metrics: list[Path] = field(default_factory=list)
     hints: list[Path] = field(default_factory=list)
     training: list[Path] = field(default_factory=list)
-
-
-def _pm(values) -> str:
-    v = 100 * np.asarray([x for x in values if x is not None], dtype=float)
-    if v.size == 0:
-        return ""
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
-
-
-def _mean(values):
-    v = [x for x in values if x is not None]
-    return float(np.mean(v)) if v else None
 
 
 def run(cfg: Config) -> dict:
@@ -65,13 +51,14 @@ def run(cfg: Config) -> dict:
         csv_row = {"method": method}
         for kind in ("P", "R"):
             ms = evals.get((method, kind), [])
-            row[f"{kind}. binary"] = _pm([m["miou"] for m in ms])
-            row[f"{kind}. + CAM priors"] = _pm([m.get("cam_combined", {}).get("miou") for m in ms])
-            row[f"{kind}. + GT priors"] = _pm([m["gt_priors"]["miou"] for m in ms])
-            csv_row[f"{kind.lower()}_binary_miou"] = _mean([m["miou"] for m in ms])
-            csv_row[f"{kind.lower()}_binary_threshold"] = _mean([m["threshold"] for m in ms])
-            csv_row[f"{kind.lower()}_cam_combined_miou"] = _mean([m.get("cam_combined", {}).get("miou") for m in ms])
-            csv_row[f"{kind.lower()}_gt_priors_miou"] = _mean([m["gt_priors"]["miou"] for m in ms])
+            row[f"{kind}. binary"] = percent_mean_std([m["miou"] for m in ms])
+            row[f"{kind}. + CAM priors"] = percent_mean_std([m.get("cam_combined", {}).get("miou") for m in ms])
+            row[f"{kind}. + GT priors"] = percent_mean_std([m["gt_priors"]["miou"] for m in ms])
+            csv_row[f"{kind.lower()}_binary_miou"] = mean_of_present([m["miou"] for m in ms])
+            csv_row[f"{kind.lower()}_binary_threshold"] = mean_of_present([m["threshold"] for m in ms])
+            csv_row[f"{kind.lower()}_cam_combined_miou"] = mean_of_present(
+                [m.get("cam_combined", {}).get("miou") for m in ms])
+            csv_row[f"{kind.lower()}_gt_priors_miou"] = mean_of_present([m["gt_priors"]["miou"] for m in ms])
             csv_row[f"{kind.lower()}_runs"] = len(ms)
         ts = train.get(method, [])
         if ts:
@@ -79,7 +66,7 @@ def run(cfg: Config) -> dict:
             row["direction"] = f"flip={d['flip']} ({d['method']})"
             csv_row["flip"] = d["flip"]
             csv_row["direction_method"] = d["method"]
-            csv_row["ccam_seconds_per_iteration"] = _mean([t.get("seconds_per_iteration") for t in ts])
+            csv_row["ccam_seconds_per_iteration"] = mean_of_present([t.get("seconds_per_iteration") for t in ts])
         rows.append(row)
         csv_rows.append(csv_row)
     md = ("# Saliency from weak supervision (paper Table 6)\n\n"
@@ -95,8 +82,8 @@ def run(cfg: Config) -> dict:
                   "bg precision": h.get("bg_precision")} for h in hints]
         md += "\n## Hints (max over classes of the CAMs)\n\n" + markdown_table(hrows)
         for r in csv_rows:
-            r["hint_fg_precision"] = _mean([h.get("fg_precision") for h in hints])
-            r["hint_fg_coverage"] = _mean([h["fg_coverage"] for h in hints])
+            r["hint_fg_precision"] = mean_of_present([h.get("fg_precision") for h in hints])
+            r["hint_fg_coverage"] = mean_of_present([h["fg_coverage"] for h in hints])
     write_csv(Path(cfg.out).with_suffix(".csv"), csv_rows)
     write_text(cfg.out, md)
     log.info("\n%s", md)
