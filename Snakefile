@@ -35,4 +35,6 @@ rule all:
     input:
         f"{RESULTS}/summary.json",
         report_targets(),
+        # the benchmark's premises table (synthetic data only)
+        [f"{RESULTS}/tables/benchmark.md"] if DATASET["name"] == "synthetic" else [],
     default_target: True

@@ -18,10 +18,10 @@ PKG = ROOT / "pnoc"
 WINGS = ["cam", "saliency", "affinity", "segmentation", "report"]
 # Shared machinery below the wings: it imports no wing at all.
 SHARED = ["cli", "crf", "evaluation", "io", "parallel", "training", "data", "models"]
-TRAINING_STAGES = ["pnoc.cam.train_classifier", "pnoc.cam.train_cam", "pnoc.saliency.train_ccam",
+TRAINING_STAGES = ["pnoc.cam.pretrain_backbone", "pnoc.cam.train_classifier", "pnoc.cam.train_cam", "pnoc.saliency.train_ccam",
                    "pnoc.saliency.train_poolnet", "pnoc.affinity.train_affinity",
                    "pnoc.segmentation.train_segmentation"]
-SOLVER_SECTIONS = ["classifier", "cam", "saliency.ccam", "saliency.poolnet", "affinity.train", "segmentation"]
+SOLVER_SECTIONS = ["pretrain", "classifier", "cam", "saliency.ccam", "saliency.poolnet", "affinity.train", "segmentation"]
 
 
 def _room(module: str) -> str:

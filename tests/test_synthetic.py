@@ -13,7 +13,16 @@ from PIL import Image
 from pnoc import cli
 from pnoc.data.datasets import WSSSDataset
 from pnoc.data.make_dataset import Config, run
-from pnoc.data.synthetic import CLASS_NAMES, CONTEXT_TEXTURES, SyntheticConfig, generate, image_id, render_image
+from pnoc.data.synthetic import (
+    CLASS_BODIES,
+    CLASS_NAMES,
+    CONTEXT_TEXTURES,
+    PART_VALUES,
+    SyntheticConfig,
+    generate,
+    image_id,
+    render_image,
+)
 from pnoc.io import read_image, read_mask
 
 SMALL = dict(image_size=64, n_classes=5, seed=3)
@@ -139,8 +148,58 @@ def test_stage_cli(tmp_path):
     assert json.loads((out / "dataset.json").read_text())["classes"] == CLASS_NAMES[:3]
 
 
+def test_part_maps_agree_with_masks(small_dataset):
+    """Heads and bodies lie on their object's pixels, context and clutter on background; heads match head_area."""
+    root, cfg, _ = small_dataset
+    for k in range(16):
+        s = render_image(cfg, "train", k)
+        part = read_mask(root / "SegmentationPart" / f"{image_id('train', k)}.png")
+        assert (part == s.parts).all()
+        on_object = np.isin(s.parts, [PART_VALUES["head"], PART_VALUES["body"]])
+        labelled = (s.mask > 0) & (s.mask != 255)
+        assert not (labelled & ~on_object).any()         # every labelled pixel is head or body
+        assert not (on_object & (s.mask == 0)).any()     # no head/body pixel is labelled background
+        assert (s.parts == PART_VALUES["head"]).sum() == sum(o["head_area"] for o in s.objects)
+        assert set(np.unique(s.parts).tolist()) <= set(PART_VALUES.values())
+
+
+def _mean_body_colour(cfg: SyntheticConfig, n: int) -> dict[int, np.ndarray]:
+    sums: dict[int, list] = {}
+    for k in range(n):
+        s = render_image(cfg, "train", k)
+        body = s.parts == PART_VALUES["body"]
+        for c in s.labels:
+            px = s.image[body & (s.mask == c)]
+            if len(px):
+                sums.setdefault(c, []).append(px.mean(0))
+    return {c: np.mean(v, 0) for c, v in sums.items()}
+
+
+def test_body_cue_makes_bodies_class_specific():
+    """v2: each class's mean body colour is nearest its own CLASS_BODIES colour; v1 (body_cue 0) is not."""
+    def nearest_own(body_cue: float) -> float:
+        means = _mean_body_colour(SyntheticConfig(image_size=64, n_classes=8, seed=0, body_cue=body_cue), 160)
+        ref = np.array([CLASS_BODIES[c][0] for c in range(8)], np.float32)
+        hits = [int(np.argmin(np.linalg.norm(ref - m, axis=1))) == c - 1 for c, m in means.items()]
+        return float(np.mean(hits))
+
+    assert nearest_own(1.0) == 1.0
+    assert nearest_own(0.0) <= 0.5
+
+
+def test_body_cue_zero_draws_as_v1():
+    """With body_cue 0 the v2 keys draw nothing from the image's random stream (the v1 images stay as they were)."""
+    a = render_image(SyntheticConfig(image_size=64, seed=2, body_cue=0.0, body_cue_jitter=0.1), "train", 3)
+    b = render_image(SyntheticConfig(image_size=64, seed=2, body_cue=0.0, body_cue_jitter=0.5), "train", 3)
+    c = render_image(SyntheticConfig(image_size=64, seed=2, body_cue=0.6), "train", 3)
+    assert (a.image == b.image).all() and (a.mask == b.mask).all()
+    assert not (a.image == c.image).all()
+
+
 def test_invalid_config():
     with pytest.raises(ValueError, match="n_classes"):
         SyntheticConfig(n_classes=13).validate()
     with pytest.raises(ValueError, match="context_classes"):
         SyntheticConfig(n_classes=2, context_classes=3).validate()
+    with pytest.raises(ValueError, match="body_cue"):
+        SyntheticConfig(body_cue=1.5).validate()

@@ -60,6 +60,8 @@ PAPER_SETTINGS = {  # keys the demo tunes away from the reference; VOC/COCO must
     "segmentation.label_smoothing": 0.1, "segmentation.augment": "colorjitter", "segmentation.head_lr_mult": 10.0,
     "segmentation.scales": [0.5, 1.0, 1.5, 2.0], "saliency.method": "c2amh", "cam.accumulate_loss": "sum",
     "affinity.labels.saliency.salient_threshold": None, "affinity.masks.saliency_threshold": None,
+    "cam.re_max": 4.0, "classifier.weights": "imagenet", "saliency.ccam.weights": "imagenet",
+    "saliency.poolnet.weights": "imagenet", "affinity.train.weights": "imagenet", "segmentation.weights": "imagenet",
 }
 
 

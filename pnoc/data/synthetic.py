@@ -1,15 +1,20 @@
 """The embedded synthetic WSSS benchmark: a small Pascal-VOC-layout dataset generated on the fly.
 
 It is built so the failure modes P-NOC addresses are measurable on a CPU, without VOC and
-without pretrained weights (see ``shared/reference/synthetic-benchmark-findings.md``):
+without pretrained weights. ``rule diagnose`` (:mod:`pnoc.cam.diagnose`) measures the premises
+below with the ordinary classifier, using the part maps written beside the masks:
 
-* **Incomplete activation.** Every object is a *body* plus an optional small *head*. The body
-  has a class-specific *shape* (ellipse, triangle, ring, ...) but its colour and texture come
-  from a pool shared by every class (and by the background clutter). The head (~15-25 % of the
-  object; 6-14 px wide at 96 px, smaller heads were recognised too unreliably by a CPU-sized
-  classifier for the later stages to measure anything) carries a class-specific saturated colour pair and pattern: the most discriminative
-  part, so a plain CAM lights up mostly the head. A fraction of all objects is *headless*, so
-  body shape is a learnable secondary cue that erasing methods (OC-CSE, NOC) can push CAMs onto.
+* **Incomplete activation, graded evidence (v2).** Every object is a *body* plus an optional small
+  *head*. The head (~15-25 % of the object) carries a class-specific saturated colour pair and
+  pattern: the easiest cue, so a plain CAM lights up mostly the head. The body has a
+  class-specific *shape* (ellipse, triangle, ring, ...) and, with ``body_cue > 0``, a muted
+  class colour mixed into a shared pool colour and a low-contrast class texture (stripes,
+  spots, scales, ... at a class period, in the object's frame): weaker but real evidence, as
+  every part of a real dog is doggish, only less so than its face. Erasing the head then leaves
+  class evidence on the object (what OC-CSE and NOC need), and a 2×2 Puzzle tile holding only
+  body is still recognisable. ``body_cue: 0`` is the v1 benchmark: bodies share their
+  appearance across classes, and what is left after erasing the head is mostly context.
+  A fraction of all objects is *headless*, so the body is a learnable secondary cue.
 * **Context co-occurrence.** The first ``context_classes`` classes are tied to a background
   texture band (water, sky, grass, ...): a context-class object sits on its band with
   probability ``context_prob``; the band also appears in images without that class with
@@ -28,6 +33,7 @@ Layout written by :func:`generate` under ``root``::
 
     JPEGImages/<id>.jpg
     SegmentationClass/<id>.png         palette PNG: 0 background, 1..C classes, 255 ignore
+    SegmentationPart/<id>.png          part map: 0 bg, 1 head, 2 body, 3 context band, 4 clutter (write_parts)
     Annotations/<id>.xml               VOC XML, one <object> per visible instance
     ImageSets/Segmentation/{train,val}.txt
     dataset.json                       {"name", "classes", "config", "stats", "class_info"}; written last
@@ -98,6 +104,23 @@ BODY_POOL = np.array([  # body / clutter colours shared by all classes (RGB)
 
 BODY_TEXTURES = ("flat", "mottled", "gradient", "speckle")
 
+CLASS_BODIES = [  # (muted body colour RGB, texture kind, period in px at 128 px); v2 class-specific body cues
+    ((150, 95, 80), "stripes", 4.0), ((95, 115, 150), "stripes", 8.0), ((120, 140, 85), "spots", 5.0),
+    ((160, 135, 95), "spots", 9.0), ((130, 100, 140), "scales", 5.0), ((90, 135, 125), "scales", 9.0),
+    ((165, 120, 120), "rings", 5.0), ((120, 120, 95), "rings", 9.0), ((105, 90, 120), "bands", 4.0),
+    ((140, 150, 130), "bands", 8.0), ((170, 145, 115), "mottle", 6.0), ((100, 110, 110), "mottle", 11.0),
+]
+"""Body appearance of each class in generator v2 (``body_cue > 0``).
+
+Real object parts are all class-indicative, some far more than others: a dog's face is the easiest
+cue, but its fur is doggish too. The body colour is a muted class colour mixed with a colour of the
+shared pool, and a low-contrast luminance texture (kind and period per class) runs in the object's
+own frame. Both are weaker than the saturated head pair, so CAMs still favour the head, but an
+erased head leaves real evidence on the body (what OC-CSE and NOC rely on)."""
+
+PART_VALUES = {"background": 0, "head": 1, "body": 2, "context": 3, "clutter": 4}
+"""Values of the part maps (``SegmentationPart/<id>.png``) that ``diagnose`` reads."""
+
 
 def _f(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
@@ -121,6 +144,11 @@ class SyntheticConfig:
     head_frac_min: float = _f(0.15, "smallest head area as a fraction of the object area")
     head_frac_max: float = _f(0.25, "largest head area as a fraction of the object area")
     headless_prob: float = _f(0.2, "per object: probability that a non-context-class object has no head")
+    body_cue: float = _f(0.6, "strength (0..1) of the class-specific body colour and texture (v2); 0 = the v1 "
+                              "benchmark, whose bodies share one appearance pool across classes")
+    body_cue_jitter: float = _f(0.25, "per object: the body cue strength varies by up to this fraction")
+    write_parts: bool = _f(True, "also write SegmentationPart/<id>.png (0 bg, 1 head, 2 body, 3 context band, "
+                                 "4 clutter) for the premise measurements of rule diagnose")
     context_classes: int = _f(3, "classes 1..K tied to a background texture band (0..5, <= n_classes)")
     context_prob: float = _f(0.9, "probability that a context class in the image comes with its band (object on it)")
     context_alone_prob: float = _f(0.08, "per band: probability that it appears in an image without its class")
@@ -161,6 +189,8 @@ class SyntheticConfig:
         need(self.aspect_max >= 1.0, "aspect_max must be >= 1")
         need(self.ignore_width >= 0, "ignore_width must be >= 0")
         need(self.workers >= 1, "workers must be >= 1")
+        need(0.0 <= self.body_cue <= 1.0, f"body_cue={self.body_cue} must lie in [0, 1]")
+        need(0.0 <= self.body_cue_jitter < 1.0, f"body_cue_jitter={self.body_cue_jitter} must lie in [0, 1)")
         for name in ("same_class_prob", "headless_prob", "context_prob", "context_alone_prob",
                      "context_headless_prob", "clutter_prob", "split_background_prob", "min_visible_ratio"):
             v = getattr(self, name)
@@ -186,6 +216,8 @@ def class_info(cfg: SyntheticConfig) -> list[dict[str, Any]]:
             "index": c + 1, "name": name, "shape": CLASS_SHAPES[c], "head": {"colors": [a, b], "pattern": pat},
             "context": CONTEXT_TEXTURES[c] if c < cfg.context_classes else None,
             "headless_prob": cfg.context_headless_prob if c < cfg.context_classes else cfg.headless_prob,
+            "body": ({"color": list(CLASS_BODIES[c][0]), "texture": CLASS_BODIES[c][1], "period": CLASS_BODIES[c][2]}
+                     if cfg.body_cue > 0 else None),
         })
     return out
 
@@ -384,6 +416,40 @@ def _body_texture(rng, color: np.ndarray, S: int, yy: np.ndarray, xx: np.ndarray
     return tex
 
 
+def _class_body_texture(rng, c: int, strength: float, base: np.ndarray, S: int, yy: np.ndarray, xx: np.ndarray,
+                        cx: float, cy: float, angle: float) -> np.ndarray:
+    """Class ``c``'s body texture (v2): ``base`` (a pool texture in the mixed colour) modulated by the class pattern.
+
+    The pattern runs in the object's frame (centre (cx, cy), rotation ``angle``), like stripes on a
+    zebra, at a luminance contrast of ``0.35 * strength``.
+
+    Returns:
+        float32 (S, S, 3).
+    """
+    _, kind, period = CLASS_BODIES[c]
+    p = max(3.0, period * S / 128)
+    ca, sa = math.cos(angle), math.sin(angle)
+    u = ca * (xx - cx) + sa * (yy - cy)
+    v = -sa * (xx - cx) + ca * (yy - cy)
+    ph = rng.uniform(0, 2 * np.pi)
+    if kind == "stripes":
+        t = np.sin(2 * np.pi * u / p + ph)
+    elif kind == "bands":
+        t = np.sin(2 * np.pi * v / p + ph)
+    elif kind == "rings":
+        t = np.sin(2 * np.pi * np.sqrt(u * u + v * v) / p + ph)
+    elif kind == "spots":
+        du, dv = (u % p) - p / 2, (v % p) - p / 2
+        t = np.where(du * du + dv * dv < (0.3 * p) ** 2, 1.0, -0.4)
+    elif kind == "scales":
+        t = np.sign(np.sin(2 * np.pi * u / p + ph) * np.sin(2 * np.pi * v / p))
+    elif kind == "mottle":
+        t = np.clip(_smooth_noise(rng, S, max(2, int(round(S / p)))), -1.5, 1.5) / 1.5
+    else:
+        raise KeyError(kind)
+    return base * (1.0 + 0.35 * strength * t.astype(np.float32))[..., None]
+
+
 def _head_texture(cfg_head, r: float, cx: float, cy: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     a_name, b_name, pattern = cfg_head
     ca, cb = np.array(_C[a_name], np.float32), np.array(_C[b_name], np.float32)
@@ -424,6 +490,8 @@ class SyntheticImage:
             inclusive like VOC), area (visible px), head_area (visible head px), headless, truncated, on_band.
         bands: texture names of the background bands drawn.
         labels: sorted 1-based classes present.
+        parts: uint8 (S, S) part map (:data:`PART_VALUES`: 0 background, 1 head, 2 body, 3 context band,
+            4 clutter), without the ignore band.
     """
 
     image: np.ndarray
@@ -431,6 +499,7 @@ class SyntheticImage:
     objects: list[dict[str, Any]]
     bands: list[str]
     labels: list[int]
+    parts: np.ndarray
 
 
 def _rng(cfg: SyntheticConfig, split: str, index: int) -> np.random.Generator:
@@ -488,6 +557,7 @@ def _try_render(rng, cfg: SyntheticConfig) -> SyntheticImage | None:
 
     # background and context bands
     img = _background(rng, S, yy, rng.random() < cfg.split_background_prob)
+    parts = np.zeros((S, S), np.uint8)  # PART_VALUES; objects are added once placed
     band_kinds, on_band = [], set()
     for c in range(K):
         if c in planned:
@@ -508,6 +578,7 @@ def _try_render(rng, cfg: SyntheticConfig) -> SyntheticImage | None:
         region = (yy >= top) & (yy < bot)
         img[region] = _band_texture(rng, kind, S, yy, xx)[region]
         band_range[kind] = (y0, y1)
+        parts[region] = PART_VALUES["context"]
 
     # clutter (background)
     if rng.random() < cfg.clutter_prob:
@@ -527,6 +598,7 @@ def _try_render(rng, cfg: SyntheticConfig) -> SyntheticImage | None:
                 m = _raster([(hull, 1)], S, cx, cy, math.sqrt(area / 2.0), 1.0, 0.0)
             col = BODY_POOL[int(rng.integers(len(BODY_POOL)))] + rng.uniform(-15, 15, 3).astype(np.float32)
             img[m] = _body_texture(rng, col, S, yy, xx)[m]
+            parts[m] = PART_VALUES["clutter"]
 
     # objects, drawn in random order (later ones occlude)
     order = rng.permutation(len(planned))
@@ -583,13 +655,21 @@ def _try_render(rng, cfg: SyntheticConfig) -> SyntheticImage | None:
                     break
             if not ok:
                 continue
-            # colour: shared pool, contrasting with what is underneath
+            # colour: shared pool (v2: mixed with the class body colour), contrasting with what is underneath
             under = img[obj].mean(0)
+            strength = 0.0
+            if cfg.body_cue > 0:
+                strength = cfg.body_cue * (1.0 + cfg.body_cue_jitter * rng.uniform(-1, 1))
             for _c in range(12):
                 col = BODY_POOL[int(rng.integers(len(BODY_POOL)))] + rng.uniform(-15, 15, 3).astype(np.float32)
+                if strength > 0:
+                    col = (1 - strength) * col + strength * np.asarray(CLASS_BODIES[c][0], np.float32)
                 if np.linalg.norm(col - under) > 60:
                     break
-            img[body] = _body_texture(rng, col, S, yy, xx)[body]
+            tex = _body_texture(rng, col, S, yy, xx)
+            if strength > 0:
+                tex = _class_body_texture(rng, c, strength, tex, S, yy, xx, cx, cy, angle)
+            img[body] = tex[body]
             if not headless:
                 img[head] = _head_texture(cfg.head_of(c), hr, hx, hy, yy, xx)[head]
             inst, head_inst = new_inst, new_head
@@ -598,6 +678,9 @@ def _try_render(rng, cfg: SyntheticConfig) -> SyntheticImage | None:
             break
     if not placed:
         return None
+
+    parts[inst > 0] = PART_VALUES["body"]
+    parts[head_inst > 0] = PART_VALUES["head"]
 
     # labels
     cls_of = np.zeros(len(placed) + 1, np.uint8)
@@ -629,7 +712,8 @@ def _try_render(rng, cfg: SyntheticConfig) -> SyntheticImage | None:
     img += rng.normal(0, 2.0, img.shape).astype(np.float32)
     image = np.clip(np.round(img), 0, 255).astype(np.uint8)
     labels = sorted({o["class"] for o in objects})
-    return SyntheticImage(image=image, mask=mask, objects=objects, bands=[b[0] for b in bands], labels=labels)
+    return SyntheticImage(image=image, mask=mask, objects=objects, bands=[b[0] for b in bands], labels=labels,
+                          parts=parts)
 
 
 # ---------------------------------------------------------------------------
@@ -684,6 +768,8 @@ def _write_one(args) -> dict[str, Any]:
                 subsampling=0 if cfg.jpeg_chroma_full else 2)
     write_mask(root / "SegmentationClass" / f"{iid}.png", sample.mask)
     write_text(root / "Annotations" / f"{iid}.xml", voc_xml(iid, sample, cfg.classes))
+    if cfg.write_parts:
+        write_mask(root / "SegmentationPart" / f"{iid}.png", sample.parts)
     return _summary(sample)
 
 
@@ -771,7 +857,8 @@ def generate(root: str | Path, cfg: SyntheticConfig) -> dict[str, Any]:
     t0 = time.time()
     counts = {"train": int(cfg.n_train), "val": int(cfg.n_val)}
     jobs = [(root, cfg, split, i) for split in SPLITS for i in range(counts[split])]
-    for sub in ("JPEGImages", "SegmentationClass", "Annotations", "ImageSets/Segmentation"):
+    for sub in ("JPEGImages", "SegmentationClass", "Annotations", "ImageSets/Segmentation") + \
+            (("SegmentationPart",) if cfg.write_parts else ()):
         (root / sub).mkdir(parents=True, exist_ok=True)
     if cfg.workers > 1 and len(jobs) > 32:
         import multiprocessing as mp

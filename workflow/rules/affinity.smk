@@ -48,6 +48,7 @@ rule train_affinity:
     input:
         dataset_marker(),
         unpack(affinity_source),
+        weights=backbone_weights(AFF["train"], AFF["train"]["init"] == "backbone").input,
         labels=f"{RESULTS}/affinity_labels/{{chain}}/seed{{seed}}/{AFF_TRAIN_SPLIT}",
     output:
         model=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/model.pt",

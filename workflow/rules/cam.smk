@@ -1,9 +1,35 @@
-# Stage 1-4: ordinary classifier, CAM inference with TTA, prior evaluation.
+# Stage 1-4: ordinary classifier, CAM inference with TTA, prior evaluation; before them, only when a
+# section says weights: generic, the backbone pretraining that stands in for ImageNet weights.
+
+
+rule pretrain_backbone:
+    output:
+        weights=PRETRAIN_WEIGHTS,
+        metrics=f"{RESULTS}/pretrain/metrics.json",
+    params:
+        args=flags(config["pretrain"]),
+        state=state_dir("pretrain"),
+        device=config["device"],
+        workers=config["workers"],
+    log:
+        f"{RESULTS}/logs/pretrain_backbone.log",
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        gpu=GPU,
+        mem_mb=mem_train,
+        runtime=runtime_train,
+    shell:
+        "python -m pnoc.cam.pretrain_backbone --out {output.weights} --metrics {output.metrics}"
+        " --state-dir {params.state} --device {params.device} --num-workers {params.workers}"
+        " --threads {threads} {params.args} 2> {log}"
 
 
 rule train_classifier:
     input:
         dataset_marker(),
+        weights=backbone_weights(config["classifier"]).input,
     output:
         model=f"{RESULTS}/classifier/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/classifier/seed{{seed}}/metrics.json",
@@ -83,6 +109,7 @@ rule train_cam:
     input:
         dataset_marker(),
         classifier=f"{RESULTS}/classifier/seed{{seed}}/model.pt",
+        weights=backbone_weights(config["classifier"], config["cam"]["init"] == "backbone").input,
     output:
         model=f"{RESULTS}/cam/{{variant}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/cam/{{variant}}/seed{{seed}}/metrics.json",
@@ -136,3 +163,33 @@ rule priors_table:
     shell:
         "python -m pnoc.cam.priors_table --out {output.md} --priors {input.metrics}"
         " --training {input.training} 2> {log} && cat {output.md}"
+
+
+if DATASET["name"] == "synthetic":
+
+    rule diagnose:
+        """The benchmark's spec sheet: the premises of erasing, Puzzle and context, measured (pnoc.cam.diagnose)."""
+        input:
+            dataset_marker(),
+            classifier=f"{RESULTS}/classifier/seed{SEED0}/model.pt",
+        output:
+            json=f"{RESULTS}/tables/benchmark.json",
+            md=f"{RESULTS}/tables/benchmark.md",
+        params:
+            data=dataset_args(),
+            split=DATASET["val_split"],
+            args=flags(config["diagnose"]),
+            delta=config["cam"]["noc_delta"],
+            device=config["device"],
+        log:
+            f"{RESULTS}/logs/diagnose.log",
+        conda:
+            ENV
+        threads: THREADS
+        resources:
+            mem_mb=mem_infer,
+            runtime=runtime_infer,
+        shell:
+            "python -m pnoc.cam.diagnose {params.data} --split {params.split} --classifier {input.classifier}"
+            " --out {output.json} --table {output.md} --noc-delta {params.delta} --device {params.device}"
+            " --threads {threads} {params.args} 2> {log}"

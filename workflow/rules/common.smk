@@ -2,6 +2,7 @@
 
 import os
 import shlex
+from collections import namedtuple
 
 RESULTS = config["results"]
 DATASET = config["dataset"]
@@ -22,6 +23,8 @@ def flags(section, exclude=()):
     for key, value in section.items():
         if key in exclude or isinstance(value, dict):
             continue
+        if key == "weights":  # the keyword generic becomes the path of the pretrained backbone
+            value = backbone_weights(section, used=False).path
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, (list, tuple)):
             values = " ".join(shlex.quote(str(v)) for v in value)
@@ -31,6 +34,45 @@ def flags(section, exclude=()):
         else:
             out.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(out)
+
+
+# Backbone weights of a section: none | imagenet | generic | path. "generic" is the demo's stand-in
+# for ImageNet: the backbone rule pretrain_backbone trains on the generic corpus (pnoc/data/generic.py).
+PRETRAIN_WEIGHTS = f"{RESULTS}/pretrain/backbone.pth"
+BackboneWeights = namedtuple("BackboneWeights", "path input")
+
+
+def backbone_weights(section, used=True):
+    """Resolve the ``weights`` value of a config section for one rule.
+
+    Args:
+        section: config section (dict) with a ``weights`` key and, for ``generic``, a ``backbone`` key.
+        used: whether the rule's stage reads ``weights`` under this config (e.g. only with
+            ``init: backbone``); an unused ``generic`` adds no dependency and is not checked.
+
+    Returns:
+        BackboneWeights(path, input). ``path``: the value to pass as ``--weights`` (``generic`` ->
+        PRETRAIN_WEIGHTS, anything else unchanged); ``flags()`` already does this for every ``weights``
+        key. ``input``: an input function giving [PRETRAIN_WEIGHTS] when the section says ``generic``
+        and ``used``, else [], so the rule depends on rule pretrain_backbone exactly when it needs it.
+        Usage, one line in a rule's ``input:``::
+
+            weights=backbone_weights(SAL["ccam"], SAL["ccam"]["init"] == "backbone").input,
+
+    Raises:
+        ValueError: ``generic`` (and used) with a backbone other than ``pretrain.backbone``, whose weights would
+            not fit; raised when the Snakefile is parsed, before any job runs.
+    """
+    value = str(section.get("weights", "none"))
+    generic = value == "generic"
+    pretrained = config["pretrain"]["backbone"]
+    if generic and used and section.get("backbone", pretrained) != pretrained:
+        raise ValueError(
+            f"weights: generic loads the {pretrained} of rule pretrain_backbone, but the section asks for backbone "
+            f"{section['backbone']}: set pretrain.backbone to {section['backbone']} (or weights: none)"
+        )
+    needed = [PRETRAIN_WEIGHTS] if generic and used else []
+    return BackboneWeights(PRETRAIN_WEIGHTS if generic else value, lambda wildcards: needed)
 
 
 def dataset_args():

@@ -39,6 +39,7 @@ rule train_ccam:
         dataset_marker(),
         hints=saliency_hints,
         classifier=saliency_classifier("ccam"),
+        weights=backbone_weights(SAL["ccam"], SAL["ccam"]["init"] == "backbone").input,
     output:
         model=f"{RESULTS}/ccam/{{method}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/ccam/{{method}}/seed{{seed}}/metrics.json",
@@ -104,6 +105,7 @@ rule train_poolnet:
         dataset_marker(),
         masks=f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{DATASET['train_split']}/pseudo",
         classifier=saliency_classifier("poolnet"),
+        weights=backbone_weights(SAL["poolnet"], SAL["poolnet"]["init"] == "backbone").input,
     output:
         model=f"{RESULTS}/poolnet/{{method}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/poolnet/{{method}}/seed{{seed}}/metrics.json",

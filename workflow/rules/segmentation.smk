@@ -14,6 +14,7 @@ rule train_segmentation:
     input:
         dataset_marker(),
         unpack(segmentation_train_inputs),
+        weights=backbone_weights(SEG, SEG["init"] == "weights").input,
     output:
         model=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/metrics.json",
