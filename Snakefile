@@ -35,6 +35,5 @@ rule all:
     input:
         f"{RESULTS}/summary.json",
         report_targets(),
-        # the benchmark's premises table (synthetic data only)
-        [f"{RESULTS}/tables/benchmark.md"] if DATASET["name"] == "synthetic" else [],
+        benchmark_tables(),
     default_target: True

@@ -27,10 +27,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pnoc import cli
+from pnoc.cam.strategies import psi as cam_psi
 from pnoc.data import open_dataset
 from pnoc.data.synthetic import PART_VALUES
 from pnoc.data.transforms import normalize, to_tensor_image
@@ -118,8 +118,8 @@ def run(cfg: Config) -> dict:
         y = ds.labels(image_id)
         x = normalize(to_tensor_image(img)).to(device)
         probs, cams = _scores(model, x[None])
-        psi = F.interpolate(F.relu(cams), size=(h, w), mode="bilinear", align_corners=False)[0]
-        psi = (psi / (psi.flatten(1).amax(1)[:, None, None] + 1e-5)).cpu().numpy()
+        # ψ of every class, as the CAM strategies compute it (ReLU, resize, per-map max normalisation)
+        psi = cam_psi(cams[0], (h, w)).squeeze(1).cpu().numpy()
         variants, keys = [], []
         for ci in np.flatnonzero(y > 0.5):
             c = int(ci) + 1

@@ -22,40 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.cam.losses import f1_scores, multilabel_soft_margin
-from pnoc.data.generic import (
-    CATEGORIES,
-    HUES,
-    SHAPES,
-    TEXTURES,
-    GenericConfig,
-    GenericSet,
-)
+from pnoc.cam.classification import train_multilabel_epoch
+from pnoc.cam.losses import f1_scores
+from pnoc.data.generic import CATEGORIES, GenericConfig, GenericSet
 from pnoc.data.loaders import epoch_loader
 from pnoc.io import write_csv, write_json
 from pnoc.models.classifier import create_classifier
-from pnoc.training import (
-    EpochRunner,
-    Runtime,
-    Solver,
-    autocast,
-    make_scaler,
-    param_groups,
-    poly_scheduler,
-    resolve_device,
-    resume_key,
-    save_weights,
-    set_threads,
-)
+from pnoc.training import (EpochRunner, Runtime, Solver, make_scaler, param_groups, poly_scheduler, resolve_device,
+                           resume_key, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.cam.pretrain_backbone")
 
 # label-vector slices of the three category groups (scored separately: hue is far easier than shape)
-GROUPS = {"shape": slice(0, len(SHAPES)), "texture": slice(len(SHAPES), len(SHAPES) + len(TEXTURES)),
-          "hue": slice(len(SHAPES) + len(TEXTURES), len(SHAPES) + len(TEXTURES) + len(HUES))}
+GROUPS = {g: [i for i, c in enumerate(CATEGORIES) if c.startswith(f"{g}:")] for g in ("shape", "texture", "hue")}
 
 
 @dataclass
@@ -141,32 +122,15 @@ def run(cfg: Config) -> dict:
              len(train_set), len(val_set), cfg.image_size, len(CATEGORIES), steps_per_epoch, cfg.epochs, device)
     t_train, n_seen, val = 0.0, 0, None
     for epoch in runner:
-        model.train()
         loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
                               pin_memory=device.type == "cuda")
-        tot, n, probs, ys = 0.0, 0, [], []
-        t0 = time.perf_counter()
-        for x, y, _ in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits, _ = model(x)
-            loss = multilabel_soft_margin(logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            tot += loss.item() * x.shape[0]
-            n += x.shape[0]
-            probs.append(torch.sigmoid(logits.detach().float()).cpu())
-            ys.append(y.cpu())
-        dt = time.perf_counter() - t0
-        t_train += dt
-        n_seen += n
+        st = train_multilabel_epoch(model, loader, opt, sched, scaler, device, cfg.amp,
+                                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        t_train += st.seconds
+        n_seen += st.images
         val = generic_scores(model, val_set, device, num_workers=cfg.num_workers)
-        runner.log(epoch, {"loss": tot / max(1, n), "train_f1": f1_scores(torch.cat(probs), torch.cat(ys))["f1"],
-                           **{f"val_{k}": v for k, v in val.items()},
-                           "lr": opt.param_groups[0]["lr"], "images_per_s": n / max(dt, 1e-9)})
+        runner.log(epoch, {"loss": st.loss, "train_f1": st.train_f1, **{f"val_{k}": v for k, v in val.items()},
+                           "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s})
     save_weights(cfg.out, backbone_state(model))
     # scores of the weights written: the last epoch's, or fresh ones after a resume with no epoch left
     final = val if val is not None else generic_scores(model, val_set, device, num_workers=cfg.num_workers)

@@ -7,21 +7,20 @@ and the four parameter groups, RandAugment, bf16 AMP on CUDA, resumable every ep
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.cam.losses import f1_scores, multilabel_soft_margin
+from pnoc.cam.classification import train_multilabel_epoch
+from pnoc.cam.losses import f1_scores
 from pnoc.data import open_dataset
 from pnoc.data.loaders import ClassificationSet, epoch_loader
 from pnoc.io import write_csv, write_json
 from pnoc.models.classifier import create_classifier
-from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, param_groups, poly_scheduler,
-                           resolve_device, resume_key, save_weights, set_threads)
+from pnoc.training import (EpochRunner, Runtime, Solver, make_scaler, param_groups, poly_scheduler, resolve_device,
+                           resume_key, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.cam.train_classifier")
 
@@ -89,33 +88,16 @@ def run(cfg: Config) -> dict:
              cfg.backbone, cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, device)
     t_train, n_seen = 0.0, 0
     for epoch in runner:
-        model.train()
         loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
                               pin_memory=device.type == "cuda")
-        tot, n, probs, ys = 0.0, 0, [], []
-        t0 = time.perf_counter()
-        for x, y, _ in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits, _ = model(x)
-            loss = multilabel_soft_margin(logits, y, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            tot += loss.item() * x.shape[0]
-            n += x.shape[0]
-            probs.append(torch.sigmoid(logits.detach().float()).cpu())
-            ys.append(y.cpu())
-        dt = time.perf_counter() - t0
-        t_train += dt
-        n_seen += n
-        train_f1 = f1_scores(torch.cat(probs), torch.cat(ys))["f1"]
+        st = train_multilabel_epoch(model, loader, opt, sched, scaler, device, cfg.amp, cfg.label_smoothing,
+                                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        t_train += st.seconds
+        n_seen += st.images
         val_scores = classification_scores(model, val, device, image_size=cfg.crop)
-        runner.log(epoch, {"loss": tot / max(1, n), "train_f1": train_f1, "val_f1": val_scores["f1"],
+        runner.log(epoch, {"loss": st.loss, "train_f1": st.train_f1, "val_f1": val_scores["f1"],
                            "val_precision": val_scores["precision"], "val_recall": val_scores["recall"],
-                           "lr": opt.param_groups[0]["lr"], "images_per_s": n / max(dt, 1e-9)})
+                           "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s})
     arch = {"backbone": cfg.backbone, "n_classes": ds.n_classes, "output_stride": cfg.output_stride}
     save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "classes": ds.classes})
     hist = runner.history

@@ -174,7 +174,7 @@ if DATASET["name"] == "synthetic":
             classifier=f"{RESULTS}/classifier/seed{SEED0}/model.pt",
         output:
             json=f"{RESULTS}/tables/benchmark.json",
-            md=f"{RESULTS}/tables/benchmark.md",
+            md=benchmark_tables()[0],
         params:
             data=dataset_args(),
             split=DATASET["val_split"],

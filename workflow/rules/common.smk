@@ -86,6 +86,11 @@ def dataset_marker():
     return []
 
 
+def benchmark_tables():
+    """The premises table of rule diagnose, which exists for the synthetic benchmark only (part maps)."""
+    return [f"{RESULTS}/tables/benchmark.md"] if DATASET["name"] == "synthetic" else []
+
+
 def state_dir(*parts):
     """Undeclared resume-state folder of a training job (Snakemake deletes declared outputs of failed jobs)."""
     return os.path.join(RESULTS, ".state", *map(str, parts))
