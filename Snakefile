@@ -6,12 +6,16 @@
 #
 # Outputs live under results/<stage>/<variant>/...; results/summary.{md,json} index them.
 
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("8.0")
 
 
-configfile: "config.yaml"
+# the defaults live beside this Snakefile, so a run from another folder (--snakefile, --directory) still
+# reads them; --configfile files are applied on top
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -47,6 +47,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     )
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes owner-only files; an artifact gets the mode of a plain open() (0666 minus the umask),
+    # so colleagues on a shared cluster can read the results
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp_path.chmod(0o666 & ~umask)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -271,6 +276,62 @@ def load_maps(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if "maps" not in out or "keys" not in out:
         raise DataError(f"{path}: missing 'maps'/'keys' arrays; it was not written by pnoc")
     return out
+
+
+# What an object array in a label file (IRN's / PuzzleCAM's cls_labels.npy: a pickled dict of id -> vector) may
+# hold: numpy arrays, dtypes and scalars. Anything else (os.system, eval, ...) is refused before it runs.
+_SAFE_NPY_GLOBALS = {
+    (mod, name)
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy")
+    for name in ("_reconstruct", "scalar", "ndarray", "dtype")
+} | {("numpy", "dtypes.Float32DType")}
+
+
+def load_label_dict(path: str | os.PathLike) -> dict:
+    """Read a label file saved with ``np.save(path, {id: vector})`` without arbitrary unpickling.
+
+    ``np.load(allow_pickle=True)`` would run any callable a crafted file names; this reader unpickles
+    the object array with a whitelist of numpy's array/scalar constructors only.
+
+    Returns:
+        the dict stored in the file (keys as written, values numpy arrays).
+
+    Raises:
+        DataError: unreadable file, not a dict, or a pickle that names anything outside the whitelist.
+    """
+    import pickle
+
+    path = Path(path)
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _SAFE_NPY_GLOBALS or (module.startswith("numpy") and name.endswith("DType")):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+            if dtype.hasobject:
+                arr = _Restricted(f).load()
+            else:
+                raise DataError(f"{path}: holds a plain {dtype} array of shape {shape}, not a dict of id -> labels; "
+                                f"save it with np.save(path, {{image_id: vector}})")
+    except DataError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise DataError(
+            f"{path}: refused to load ({e}): a label file holds numpy arrays only, and this one names other code "
+            f"that unpickling would run; re-create it with np.save(path, {{image_id: vector}})"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - any decoding failure, re-raised with the file name
+        raise DataError(f"{path}: unreadable label file ({e}); regenerate it") from e
+    obj = arr.item() if isinstance(arr, np.ndarray) and arr.shape == () else arr
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: holds a {type(obj).__name__}, not a dict of image id -> label vector")
+    return obj
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:

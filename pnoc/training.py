@@ -14,8 +14,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import random
+import re
 import signal
+import zipfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from pnoc.data.transforms import AugmentConfig, Augmenter
-from pnoc.io import atomic_path
+from pnoc.io import DataError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +187,157 @@ def linear_ramp(a0: float, a1: float, step: int, total: int, fraction: float = 1
     return a0 + (a1 - a0) * t
 
 
+# ---------------------------------------------------------------------------- safe files
+# Every file pnoc writes with torch.save (model artifacts, resume states) holds tensors and plain values only,
+# and every file it reads goes through safe_load, i.e. torch's weights_only unpickler: a crafted .pt file
+# cannot run code when a stage opens it. plain() enforces the first half at save time.
+
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def plain(obj, where: str = "state"):
+    """``obj`` with every value made loadable by ``torch.load(weights_only=True)``.
+
+    Tensors, ``None``/bool/int/float/complex/str/bytes, torch dtypes/devices/sizes and dicts,
+    lists, tuples and sets of them pass unchanged; paths become ``str``, numpy scalars their
+    Python value, numeric numpy arrays tensors and string arrays lists (dict keys too).
+    Containers without anything to convert are returned as they are, so state dicts keep their
+    type and ``_metadata`` (read by ``load_state_dict``).
+
+    Args:
+        obj: what is about to be saved.
+        where: its name in error messages (keys and indices are appended while descending).
+
+    Raises:
+        TypeError: a value of any other type (a custom class would need arbitrary unpickling to
+            load); the message names where it sits, so the stage can store a plain value instead.
+    """
+    # exact types: np.float64 / np.str_ subclass float / str, an IntEnum int, and all of them pickle as classes
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_SCALARS:
+        return obj
+    if isinstance(obj, np.generic):
+        return plain(obj.item(), where)  # datetime64 and the like give objects that are not plain either
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "biuf":
+            return torch.from_numpy(np.ascontiguousarray(obj))
+        if obj.dtype.kind in "US":
+            return obj.tolist()
+        raise TypeError(f"{where}: a numpy {obj.dtype} array cannot be stored; store a list of plain values")
+    if isinstance(obj, dict):
+        pairs = [(plain(k, f"{where} key {k!r}"), plain(v, f"{where}[{k!r}]")) for k, v in obj.items()]
+        unchanged = all(k2 is k and v2 is v for (k2, v2), (k, v) in zip(pairs, obj.items()))
+        if unchanged and type(obj) in (dict, OrderedDict):
+            return obj
+        items = dict(pairs)
+        # dict subclasses other than OrderedDict (defaultdict, ...) would need unpickling code: store a dict
+        out = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # state dicts carry per-module versions
+        return out
+    if type(obj) in (list, tuple, set):  # exact types: a namedtuple is a custom class
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return type(obj)(items)
+    raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be stored in a pnoc file "
+                    f"(only tensors and plain values load without arbitrary unpickling); store a plain value")
+
+
+def _refusal_reason(e: BaseException) -> str:
+    """The one line of a weights_only refusal that says what it refused (torch wraps it in advice)."""
+    text = str(e)
+    m = re.search(r"(?:Unsupported global: )?GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it names {m.group(1)}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Unsupported", "Trying to", "Unexpected")):
+            return ln
+    return lines[-1] if lines else type(e).__name__
+
+
+def safe_load(path: str | Path, what: str = "model file", fix: str = "re-create it with the rule that produces it",
+              mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name the file and the fix.
+
+    Args:
+        path: a file pnoc wrote with :func:`save_weights` or :class:`Checkpointer` (or a plain state dict).
+        what: what the file is, for messages (``model file``, ``resume state``, ``weights file``).
+        fix: how to get a good file, for messages.
+        mmap: map the tensors instead of reading them (cheap peeks at large files).
+
+    Raises:
+        DataError: the file holds objects other than tensors and plain values (they would run code
+            when unpickled, so nothing of it is loaded), or it is truncated / not a torch file.
+        FileNotFoundError: no such file (callers check first and say which rule makes it).
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise DataError(
+            f"{path}: refused to load this {what}: it holds objects other than tensors and plain metadata "
+            f"({_refusal_reason(e)}), which could run code when unpickled; pnoc writes only tensors and plain values. "
+            f"Fix: {fix} (or, for a file you trust, e.g. from an older pnoc, convert it once with "
+            f"python -c \"from pnoc.training import resave_trusted; resave_trusted({str(path)!r})\")"
+        ) from None  # torch's own advice (weights_only=False) is exactly what must not be done here
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        reason = str(e).split(". ")[0] or type(e).__name__
+        raise DataError(f"{path}: unreadable {what} ({reason}): truncated or not a torch file; {fix}") from e
+
+
+def resave_trusted(path: str | Path) -> None:
+    """Rewrite a *trusted* torch file (e.g. from an older pnoc) so that :func:`safe_load` reads it.
+
+    Loads with full unpickling (which runs whatever the file names: only for files you made
+    yourself), converts it with :func:`plain` and writes it back atomically.
+
+    Raises:
+        TypeError: the file holds a custom object that has no plain equivalent.
+    """
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    rng = state.get("_rng") if isinstance(state, dict) else None
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        # older resume states kept numpy's legacy tuple (with an ndarray); store the dict form rng_state() writes
+        np_state = np.random.RandomState()
+        np_state.set_state(rng["numpy"])
+        state["_rng"] = {**rng, "numpy": _numpy_rng_plain(np_state.get_state(legacy=False))}
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(plain(state, str(path)), tmp)
+    safe_load(path)  # proves the conversion
+    log.info("%s: rewritten with tensors and plain values only", path)
+
+
 # ---------------------------------------------------------------------------- checkpoints
+def _numpy_rng_plain(st: dict) -> dict:
+    """numpy's ``get_state(legacy=False)`` dict with the MT19937 key as an int64 tensor (an ndarray would
+    need arbitrary unpickling to load)."""
+    key = torch.from_numpy(np.asarray(st["state"]["key"], dtype=np.int64))
+    return {**st, "state": {**st["state"], "key": key}}
+
+
+def _numpy_rng_native(st: dict) -> dict:
+    key = st["state"]["key"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    return {**st, "state": {**st["state"], "key": key.astype(np.uint32)}}
+
+
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The python, numpy, torch (and CUDA) RNG states, as tensors and plain values."""
+    st = {"python": random.getstate(), "numpy": _numpy_rng_plain(np.random.get_state(legacy=False)),
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    np.random.set_state(_numpy_rng_native(st["numpy"]))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -212,7 +356,8 @@ class Checkpointer:
     def __init__(self, state_dir: str | Path, config: dict | None = None):
         self.dir = Path(state_dir)
         self.path = self.dir / "last.pt"
-        self.config = config or {}
+        # plain already here: the guard compares it with the stored (plain) config
+        self.config = plain(dict(config or {}), "config")
 
     def save(self, epoch: int, extra: dict | None = None, **objects) -> None:
         state = {k: v.state_dict() for k, v in objects.items()}
@@ -220,14 +365,19 @@ class Checkpointer:
         state["_rng"] = rng_state()
         state["_config"] = self.config
         state["_extra"] = extra or {}
+        state = plain(state, f"{self.path} state")
         with atomic_path(self.path, ".pt") as tmp:
             torch.save(state, tmp)
+
+    def load(self, mmap: bool = False) -> dict:
+        """The stored state, read safely (see :func:`safe_load`)."""
+        return safe_load(self.path, "resume state", f"delete {self.dir} to train from scratch", mmap=mmap)
 
     def restore(self, **objects) -> tuple[int, dict]:
         """Returns ``(next_epoch, extra)``."""
         if not self.path.is_file():
             return 0, {}
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = self.load()
         if state.get("_config") != self.config:
             old = state.get("_config") or {}
             keys = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
@@ -273,18 +423,29 @@ def stop_requested() -> Iterator[dict]:
 
 
 def save_weights(path: str | Path, state: dict) -> None:
-    """Write a final model artifact atomically (a plain dict of state dicts + metadata)."""
+    """Write a final model artifact atomically (a plain dict of state dicts + metadata).
+
+    Metadata is made plain first (paths to str, numpy values to Python/tensors, see :func:`plain`),
+    so :func:`load_weights` reads the file with ``weights_only=True``.
+
+    Raises:
+        TypeError: ``state`` holds an object with no plain equivalent.
+    """
+    state = plain(state, f"{path} artifact")
     with atomic_path(path, ".pt") as tmp:
         torch.save(state, tmp)
 
 
 def load_weights(path: str | Path) -> dict:
+    """A model artifact written by :func:`save_weights`, read with ``weights_only=True``.
+
+    Raises:
+        DataError: no such file, or it holds anything but tensors and plain values (nothing of it runs).
+    """
     path = Path(path)
     if not path.is_file():
-        from pnoc.io import DataError
-
         raise DataError(f"{path}: model file not found; run the training rule that produces it")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path, "model file")
 
 
 def env_int(name: str, default: int) -> int:
@@ -359,7 +520,7 @@ class EpochRunner:
         path = self.ckpt.path
         if not path.is_file():
             return
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = self.ckpt.load(mmap=True)
         if state.get("_config") == self.ckpt.config:
             return
         finished = state.get("_extra", {}).get("finished")

@@ -1,7 +1,10 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,18 +13,122 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Every process this test session starts inherits this variable: subprocesses copy os.environ, SLURM
+# jobs get the environment of the snakemake that submits them, slurmd and its slurmstepd that of
+# tests/slurm/cluster.sh. At the end of the session no live process may carry it (no_leftover_processes).
+SESSION_MARK = "PNOC_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+# daemons that PNOC_SLURM_KEEP=1 leaves running on purpose (tests/slurm/util.py)
+KEPT_DAEMONS = {"munged", "slurmctld", "slurmscriptd", "slurmd"}
+
+
+def session_processes() -> dict[int, str]:
+    """Live processes started by this session, other than pytest itself: pid -> "ppid=N <command line>".
+
+    A process counts when its environment holds this session's SESSION_MARK, or when it descends from
+    pytest (whatever its environment). Zombies have ended already and do not count. Linux only (/proc);
+    processes whose environment cannot be read (another user's, without root) are not seen.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    me = os.getpid()
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    kept = KEPT_DAEMONS if os.environ.get("PNOC_SLURM_KEEP") == "1" else set()
+    parent, marked, desc = {}, set(), {}
+    for d in proc.iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        pid = int(d.name)
+        try:
+            stat = (d / "stat").read_text()
+            comm = (d / "comm").read_text().strip()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # ended meanwhile
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z" or comm in kept:
+            continue
+        parent[pid] = int(ppid)
+        desc[pid] = f"ppid={ppid} {cmd or '[' + comm + ']'}"
+        try:
+            if mark in (d / "environ").read_bytes().split(b"\0"):
+                marked.add(pid)
+        except OSError:
+            pass
+
+    def descends_from_me(pid: int) -> bool:
+        seen = set()
+        while pid in parent and pid not in seen:
+            seen.add(pid)
+            pid = parent[pid]
+            if pid == me:
+                return True
+        return False
+
+    return {pid: desc[pid] for pid in sorted(parent) if pid in marked or descends_from_me(pid)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes():
+    """The suite leaves no process running: at the end of the session (after every other fixture's
+    teardown: SLURM clusters stopped, runs finished) nothing that the session started may be alive.
+
+    Stragglers get 30 s to end (a job step finishing after scancel, a daemon shutting down); what is
+    still there is listed with pid and command line, killed, and fails the session.
+    """
+    yield
+    deadline = time.monotonic() + 30
+    left = session_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = session_processes()
+    if not left:
+        return
+    report = "\n".join(f"  pid {pid} {d}" for pid, d in left.items())
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in session_processes():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while session_processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not session_processes():
+            break
+    pytest.fail(f"{len(left)} process(es) started by the test session still ran at its end (now killed):\n"
+                f"{report}", pytrace=False)
+
 
 def venv_env() -> dict:
     """Environment whose PATH starts with the interpreter's bin folder (snakemake, python of the venv)."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if shutil.which("scontrol") and not _slurm_controller_up():
+        # Importing the SLURM executor plugin runs `scontrol show config`, which waits ~10 s for a controller
+        # when the SLURM client is installed (the suite installs it) but no slurmctld runs: ~9 s more per
+        # snakemake call. Without a config file scontrol fails at once and the plugin falls back to defaults.
+        env["SLURM_CONF"] = os.devnull
     return env
+
+
+def _slurm_controller_up() -> bool:
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "slurmctld":
+                return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
 
 
 def snakemake(args, cwd=ROOT, timeout=1200, check=True, env=None):
     """Run snakemake from the repository root; returns the CompletedProcess (stdout+stderr merged)."""
     exe = shutil.which("snakemake", path=venv_env()["PATH"])
+    if Path(cwd).resolve() != ROOT.resolve() and "--snakefile" not in args and "-s" not in args:
+        args = [*args, "--snakefile", str(ROOT / "Snakefile")]
     p = subprocess.run([exe, *args], cwd=cwd, env=env or venv_env(), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and p.returncode != 0:
@@ -46,5 +153,13 @@ def smoke_run(tmp_path_factory):
     """The whole smoke DAG run once through snakemake (shared by the workflow tests)."""
     tmp = tmp_path_factory.mktemp("smoke")
     cfg = smoke_config(tmp)
-    p = snakemake(["--cores", "2", "--configfile", str(cfg)], timeout=1500)
+    p = snakemake(["--cores", "2", "--configfile", str(cfg)], timeout=1500, cwd=smoke_workdir(tmp))
     return tmp, cfg, p
+
+
+def smoke_workdir(tmp: Path) -> Path:
+    """The smoke run's own snakemake working folder (its .snakemake: metadata, locks, incomplete markers), so
+    no test reads or writes the .snakemake of the checkout it runs in; snakemake() adds --snakefile."""
+    wd = tmp / "wd"
+    wd.mkdir(exist_ok=True)
+    return wd

@@ -181,7 +181,7 @@ def test_train_affinity_runs_and_learns_from_labels(tmp_path, mini):
         resize_min=28, resize_max=36, device="cpu"))
     assert len(m["epochs"]) == 2 and all(np.isfinite(r["loss"]) for r in m["epochs"])
     assert m["epochs"][0]["pairs_neg_per_image"] > 0 and m["epochs"][0]["pairs_fg_pos_per_image"] > 0
-    model = affinitynet_from_artifact(torch.load(tmp_path / "aff.pt", weights_only=False))
+    model = affinitynet_from_artifact(torch.load(tmp_path / "aff.pt", weights_only=True))
     assert model.boundary(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 8, 8)
 
 
@@ -349,11 +349,11 @@ def test_masks_table(tmp_path):
 # ------------------------------------------------------------------------------ workflow
 @pytest.mark.slow
 def test_affinity_rules_smoke(smoke_run):
-    from conftest import snakemake
+    from conftest import smoke_workdir, snakemake
 
     # reuses the session's smoke results: only the classic chain and the table are new
     tmp, cfg, _ = smoke_run
-    snakemake(["masks_table", "--cores", "2", "--configfile", str(cfg)], timeout=2400)
+    snakemake(["masks_table", "--cores", "2", "--configfile", str(cfg)], timeout=2400, cwd=smoke_workdir(tmp))
     res = tmp / "results"
     md = (res / "tables" / "masks.md").read_text()
     assert "pnoc_ls" in md and "classic" in md and "saliency" in md

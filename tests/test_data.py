@@ -89,7 +89,7 @@ def test_label_list_not_matching_images(tmp_path):
     ds = open_dataset("voc12", root, "train")
     np.save(root / "cls_labels.npy", {ds.ids[0]: ds.labels(ds.ids[0])}, allow_pickle=True)
     ds2 = open_dataset("voc12", root, "train")
-    with pytest.raises(DataError, match="does not match"):
+    with pytest.raises(DataError, match=r"cls_labels.npy: no labels for image .*; add its entry to this file or remove"):
         ds2.validate()
 
 
@@ -136,3 +136,19 @@ def test_augmenter_joint_geometry():
     assert torch.all(x[:, m == 255] == 0)
     bright = x[0] > 1.0
     assert torch.equal(bright, m == 1)
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    """Artifacts are readable by colleagues (mkstemp alone would leave them owner-only, 0600)."""
+    import os
+
+    from pnoc.io import write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with open(tmp_path / "b.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, smoke_config, snakemake, venv_env
+from conftest import ROOT, smoke_config, smoke_workdir, snakemake, venv_env
 
 
 def _load_util():
@@ -137,8 +137,8 @@ def classifier_epochs(metrics: Path) -> list[dict]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa = torch.load(a, map_location="cpu", weights_only=False)["model"]
-    wb = torch.load(b, map_location="cpu", weights_only=False)["model"]
+    wa = torch.load(a, map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(b, map_location="cpu", weights_only=True)["model"]
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"weights differ: {k}"
@@ -264,7 +264,7 @@ def test_scancel_of_training_job_resumes_exactly(slurm_cluster, smoke_run, tmp_p
         proc.send_signal(signal.SIGINT)
         slurm_util.finish_run(proc, log, grace=120)
         raise
-    done_at_kill = torch.load(state, map_location="cpu", weights_only=False)["_epoch"] + 1
+    done_at_kill = torch.load(state, map_location="cpu", weights_only=True)["_epoch"] + 1
     subprocess.run(["scancel", jobid], check=True, timeout=30)
     t_cancel = time.monotonic()
     first = slurm_util.finish_run(proc, log)
@@ -273,8 +273,10 @@ def test_scancel_of_training_job_resumes_exactly(slurm_cluster, smoke_run, tmp_p
     assert not first.timed_out, first.tail()
     assert first.returncode != 0, "the cancelled run must fail"
     assert not Path(target_s).exists() and not (res_s / "classifier/seed0/model.pt").exists()
-    wait_gone(str(res_s))  # the job step's trainer may finish its epoch after SIGTERM
-    checkpointed = torch.load(state, map_location="cpu", weights_only=False)["_epoch"] + 1
+    # the trainer catches SIGTERM to finish its epoch, but its shell dies: the test cluster's
+    # proctrack/pgid SIGKILLs it when the step ends (tests/slurm/cluster.sh)
+    wait_gone(str(res_s))
+    checkpointed = torch.load(state, map_location="cpu", weights_only=True)["_epoch"] + 1
     assert 1 <= checkpointed < epochs
 
     second = slurm_util.run_snakemake_slurm(wd, args, timeout=600, log=tmp_path / "rerun.log", env=venv_env())
@@ -404,8 +406,9 @@ def _dry_rules(args, cwd=ROOT):
 def test_param_change_reruns_exactly_rule_and_descendants(smoke_run, tmp_path, section, key, value, rule):
     """On the completed smoke results, changing one rule's parameters in the config makes
     `snakemake -n` list exactly that rule's jobs and their descendants (= `-R <rule>`), nothing upstream."""
-    _, cfg, _ = smoke_run
-    unchanged, out = _dry_rules(["--configfile", str(cfg)])
+    smoke_tmp, cfg, _ = smoke_run
+    wd = smoke_workdir(smoke_tmp)  # the smoke run's metadata (parameters of its jobs) lives there
+    unchanged, out = _dry_rules(["--configfile", str(cfg)], cwd=wd)
     assert unchanged == {}, f"smoke results not complete:\n{out[-3000:]}"
 
     c = yaml.safe_load(Path(cfg).read_text())
@@ -414,8 +417,8 @@ def test_param_change_reruns_exactly_rule_and_descendants(smoke_run, tmp_path, s
     c[section][key] = value
     changed_cfg = tmp_path / "changed.yaml"
     changed_cfg.write_text(yaml.safe_dump(c))
-    changed, out = _dry_rules(["--configfile", str(changed_cfg)])
-    forced, _ = _dry_rules(["--configfile", str(cfg), "-R", rule])
+    changed, out = _dry_rules(["--configfile", str(changed_cfg)], cwd=wd)
+    forced, _ = _dry_rules(["--configfile", str(cfg), "-R", rule], cwd=wd)
     print(f"[params] {section}.{key} -> {value!r}: snakemake -n lists {changed}")
     assert changed == forced, (changed, forced)
     assert rule in changed and "summary" in changed
@@ -455,13 +458,26 @@ def _job_blocks(output: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("with_env", [True, False], ids=["env-set", "env-unset"])
-def test_user_slurm_profile_dry_run(with_env):
+def test_user_slurm_profile_dry_run(with_env, tmp_path):
     """`snakemake -n --profile slurm` on the default config, with the PNOC_SLURM_* variables set to
-    example values and unset: the YTE profile renders and every rule gets its site resources."""
+    example values and unset: the YTE profile renders and every rule gets its site resources.
+
+    Started in the repository root (so `--profile slurm` is found by name, as the README says), but
+    with a private working directory (``--directory``): the default config's relative ``results``
+    and dataset root resolve there, so a finished demo in the checkout (``results/`` complete: the
+    dry run would say "Nothing to be done" and list no job) or a stale ``.snakemake/`` cannot change
+    the plan, and the dry run writes nothing into the checkout. The Snakefile's ``configfile:`` is
+    relative to the working directory, hence ``--configfile <repo>/config.yaml``.
+    """
     env = {k: v for k, v in venv_env().items() if not k.startswith("PNOC_SLURM_")}
     if with_env:
         env.update(SLURM_ENV)
-    p = snakemake(["-n", "--profile", "slurm"], env=env)
+    wd = tmp_path / "wd"
+    p = snakemake(["-n", "--profile", "slurm", "--directory", str(wd), "--configfile", str(ROOT / "config.yaml")],
+                  env=env)
+    assert "Using profile slurm" in p.stdout, p.stdout[-3000:]
+    assert not nothing_to_do(p.stdout), p.stdout[-3000:]
+    assert not (wd / "results").exists()  # a dry run
     blocks = _job_blocks(p.stdout)
     assert "train_classifier" in blocks and "evaluate_priors" in blocks, p.stdout[-3000:]
     train = blocks["train_classifier"][0]

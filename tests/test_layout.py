@@ -145,3 +145,45 @@ def test_schema_describes_the_solver_once_and_every_training_section_embeds_it()
         for key in solver:  # per-section default only; the description lives in $defs
             assert set(node["properties"][key]) <= {"default", "minimum", "multipleOf"}, (section, key)
             assert key in values, (section, key)
+
+
+# Placeholders of a shell command that are flag strings built (and quoted) by common.smk's helpers
+PREFORMATTED_PARAMS = {"args", "arch", "classifier", "columns", "data", "hints", "init", "pages", "saliency", "source"}
+
+
+def _shell_lines(text: str) -> list[str]:
+    """The string literals of every ``shell:`` block of a rule file."""
+    out, inside = [], False
+    for ln in text.splitlines():
+        stripped = ln.strip()
+        if stripped == "shell:":
+            inside = True
+            continue
+        if inside:
+            if stripped.startswith(('"', 'f"')):
+                out.append(stripped)
+            else:
+                inside = False
+    return out
+
+
+def test_every_path_placeholder_in_a_shell_command_is_quoted():
+    """{input.x}, {output.x}, {log}, {wildcards.x} and every plain {params.x} carry :q (shlex quoting),
+    so a dataset root or results folder with a space or a quote works; flag-string params (built with
+    shlex.quote in common.smk) are the only exception. tests/test_dataset_check.py runs such a chain."""
+    unquoted = []
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for line in _shell_lines(smk.read_text()):
+            for m in re.finditer(r"\{(input|output|log|wildcards|params)(?:\.(\w+))?(:q)?\}", line):
+                kind, name, q = m.groups()
+                if q is None and not (kind == "params" and name in PREFORMATTED_PARAMS):
+                    unquoted.append(f"{smk.name}: {m.group(0)} in {line}")
+    assert not unquoted, "\n".join(unquoted)
+    n = sum(len(_shell_lines(p.read_text())) for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    assert n > 40, "the shell-line reader found too few lines"
+
+
+def test_quote_check_catches_an_unquoted_path():
+    line = '"python -m pnoc.x --out {output.model} --log {log:q}"'
+    assert re.search(r"\{output\.model\}", line)
+    assert _shell_lines(f"rule x:\n    shell:\n        {line}\n") == [line]

@@ -156,7 +156,7 @@ def test_pretraining_resumes_after_a_stop_exactly(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         pretrain_backbone.run(cfg)
     assert stop.value.code == 75 and not cfg.out.exists()
-    assert torch.load(cfg.state_dir / "last.pt", weights_only=False)["_epoch"] == 0
+    assert torch.load(cfg.state_dir / "last.pt", weights_only=True)["_epoch"] == 0
     monkeypatch.setattr(pretrain_backbone, "generic_scores", real_scores)
 
     resumed = pretrain_backbone.run(cfg)

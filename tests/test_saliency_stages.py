@@ -291,10 +291,10 @@ def test_masked_bce_ignores_padding():
 @pytest.mark.slow
 def test_saliency_rules_smoke(smoke_run):
     """The saliency_table target on the smoke run (reusing its dataset, classifier and priors)."""
-    from conftest import snakemake
+    from conftest import smoke_workdir, snakemake
 
     tmp, cfg, _ = smoke_run
-    p = snakemake(["saliency_table", "--cores", "2", "--configfile", str(cfg)], timeout=1500)
+    p = snakemake(["saliency_table", "--cores", "2", "--configfile", str(cfg)], timeout=1500, cwd=smoke_workdir(tmp))
     res = tmp / "results"
     assert "Saliency from weak supervision" in p.stdout
     assert (res / "tables" / "saliency.md").is_file() and (res / "tables" / "saliency.csv").is_file()

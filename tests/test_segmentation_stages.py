@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import snakemake
+from conftest import smoke_workdir, snakemake
 from fixtures import make_voc
 from PIL import Image
 
@@ -106,7 +106,7 @@ def test_train_infer_evaluate_roundtrip(tmp_path):
     row = m["epochs"][0]
     assert np.isfinite(row["loss"]) and 0 <= row["agreement_miou"] <= 1
     assert "last epoch" in m["model_selection"]
-    state = torch.load(cfg.out, weights_only=False)
+    state = torch.load(cfg.out, weights_only=True)
     assert state["arch"]["n_classes"] == 21
     # the backbone starts from the classifier's (one training step moved it only slightly)
     w = "net.conv1.weight"
@@ -161,7 +161,7 @@ def test_adamw_and_custom_aspp_rates_roundtrip(tmp_path):
                 state_dir=tmp_path / "s", agreement_images=0, norm="bn", **TINY)
     m = train_segmentation.run(train_segmentation.Config(optimizer="adamw", aspp_rates=[2, 4, 6], **base))
     assert np.isfinite(m["final"]["loss"])
-    state = torch.load(tmp_path / "m.pt", weights_only=False)
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
     assert tuple(state["arch"]["widths"]["aspp_rates"]) == (2, 4, 6)
     model = segmenter_from_artifact(state)
     convs = [mod.dilation[0] for mod in model.aspp.modules()
@@ -260,7 +260,7 @@ def test_smoke_segmentation_and_report(smoke_run):
     assert trained["masks"] != "gt" and "masks" in trained["masks"]
 
     report = tmp / "report.html"
-    snakemake(["--configfile", str(cfg), "--report", str(report)], timeout=600)
+    snakemake(["--configfile", str(cfg), "--report", str(report)], timeout=600, cwd=smoke_workdir(tmp))
     files = _report_results(report.read_text())
     for page in ("priors", "saliency", "pseudo_masks", "segmentation", "class_groups", "summary"):
         assert f"{page}.html" in files, sorted(files)

@@ -136,7 +136,7 @@ def test_classifier_resumes_after_kill_exactly(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "b" / "model.pt").exists(), "killed before the end: no final model"
-    killed_at = torch.load(state, weights_only=False)["_epoch"] + 1
+    killed_at = torch.load(state, weights_only=True)["_epoch"] + 1
     assert killed_at < 3
     subprocess.run(_train_cmd(tmp_path, root, tmp_path / "b", tmp_path / "sb"), check=True, env=env,
                    cwd=ROOT, capture_output=True)
@@ -144,7 +144,7 @@ def test_classifier_resumes_after_kill_exactly(tmp_path):
     ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert mb["resumed_from_epoch"] == killed_at
     assert [e["loss"] for e in mb["epochs"]] == [e["loss"] for e in ma["epochs"]]
-    wa = torch.load(tmp_path / "a" / "model.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
+    wa = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["model"]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

@@ -116,7 +116,7 @@ def run(cfg: Config) -> dict:
     # only the trainable head is checkpointed per epoch (the backbone is frozen and rebuilt)
     head = torch.nn.ModuleDict({"branches": model.branches, "fuse": model.fuse})
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
-                         inputs=(cfg.labels, cfg.source_model, Path(cfg.root) / "dataset.json"),
+                         inputs=(cfg.labels, cfg.source_model, *ds.identity_files()),
                          head=head, opt=opt, sched=sched, scaler=scaler)
     log.info("AffinityNet (%s, OS%d, init %s) on %s/%s with labels %s: %d images, %d steps/epoch, %d epochs, "
              "radius %g (%d directions), device %s", arch["backbone"], cfg.output_stride, cfg.init, cfg.dataset,

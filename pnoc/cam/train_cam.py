@@ -256,7 +256,7 @@ def run(cfg: Config) -> dict:
         objects.update(noc=tr.noc, noc_opt=tr.noc_opt, noc_sched=tr.noc_sched)
     conf = resume_key(cfg)
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
-                         inputs=(cfg.classifier, Path(cfg.root) / "dataset.json"), **objects)
+                         inputs=(cfg.classifier, *ds.identity_files()), **objects)
     log.info("strategy %s (ls=%.2f): %d images, %d iterations/epoch, %d epochs on %s", cfg.strategy,
              cfg.label_smoothing, len(train_set), iters_per_epoch, cfg.epochs, device)
     t_total, n_iters = 0.0, 0

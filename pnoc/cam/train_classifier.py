@@ -82,7 +82,7 @@ def run(cfg: Config) -> dict:
     sched = poly_scheduler(opt, total)
     scaler = make_scaler(device, cfg.amp)
     conf = resume_key(cfg)
-    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, inputs=(Path(cfg.root) / "dataset.json",),
+    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, inputs=(*ds.identity_files(),),
                          model=model, opt=opt, sched=sched, scaler=scaler)
     log.info("training %s on %s/%s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.backbone, cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, device)

@@ -1,14 +1,19 @@
-"""One dataset interface for ``synthetic``, ``voc12`` and ``coco14``.
+"""One dataset interface for ``synthetic``, ``voc12``, ``coco14`` and ``custom``.
 
 Layouts:
 
-``synthetic`` / ``voc12`` (``root`` = the ``VOC2012`` folder)::
+``synthetic`` / ``voc12`` / ``custom`` (``root`` = the ``VOC2012`` folder or your own)::
 
     JPEGImages/<id>.jpg
     SegmentationClass/<id>.png        (SBD's SegmentationClassAug merged in for voc12)
     ImageSets/Segmentation/<split>.txt   (train, val, train_aug, ...)
     Annotations/<id>.xml              (image-level labels) or cls_labels.npy
     dataset.json                      (synthetic only: class names)
+    classes.txt                       (custom only: one class name a line, background first or left out)
+
+``custom`` takes image-level labels from the first of ``cls_labels.npy`` (dict id -> C-vector),
+``Annotations/<id>.xml`` (VOC XML with the names of classes.txt), or the classes present in
+``SegmentationClass/<id>.png`` when only masks exist (:attr:`WSSSDataset.label_source` says which).
 
 ``coco14`` (``root`` = the ``coco14`` folder)::
 
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pnoc.io import DataError, read_image, read_lines, read_mask
+from pnoc.io import DataError, load_label_dict, read_image, read_lines, read_mask
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -52,18 +57,24 @@ COCO_CLASSES = [
     "teddy bear", "hair drier", "toothbrush",
 ]
 
-DATASETS = ("synthetic", "voc12", "coco14")
+DATASETS = ("synthetic", "voc12", "coco14", "custom")
+
+BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
+"""A first line of classes.txt with one of these names is the background (it is implied otherwise)."""
+
+LABEL_SOURCES = ("cls_labels.npy", "cls_labels_coco.npy", "Annotations", "masks", "dataset.json")
 
 
 class WSSSDataset:
     """Images, image-level labels and (optionally) segmentation masks of one split.
 
     Attributes:
-        name: ``synthetic``, ``voc12`` or ``coco14``.
+        name: ``synthetic``, ``voc12``, ``coco14`` or ``custom``.
         root: dataset root folder.
         split: split name.
         ids: image ids of the split, in list order.
         classes: the C object class names (background excluded).
+        label_source: where the image-level labels come from (one of :data:`LABEL_SOURCES`).
     """
 
     def __init__(self, name: str, root: str | Path, split: str):
@@ -89,6 +100,8 @@ class WSSSDataset:
             return list(VOC_CLASSES)
         if self.name == "coco14":
             return list(COCO_CLASSES)
+        if self.name == "custom":
+            return read_classes(self.root / "classes.txt")
         meta = self.root / "dataset.json"
         if not meta.is_file():
             raise DataError(f"{meta}: missing; the synthetic dataset is incomplete, rerun rule make_dataset")
@@ -129,11 +142,28 @@ class WSSSDataset:
         path = self.root / fname
         if not path.is_file():
             return None
-        try:
-            d = np.load(path, allow_pickle=True).item()
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise DataError(f"{path}: unreadable label file ({e}); regenerate it") from e
+        d = load_label_dict(path)
         return {str(k): np.asarray(v, dtype=np.float32) for k, v in d.items()}
+
+    @cached_property
+    def label_source(self) -> str:
+        """``cls_labels.npy`` | ``cls_labels_coco.npy`` | ``Annotations`` | ``masks`` (custom only)."""
+        if self.name == "coco14":
+            return "cls_labels_coco.npy"
+        if (self.root / "cls_labels.npy").is_file():
+            return "cls_labels.npy"
+        if self.name != "custom" or (self.root / "Annotations").is_dir():
+            return "Annotations"
+        return "masks"
+
+    def label_path(self, image_id: str) -> Path:
+        """The file holding the labels of one image (what an error about its labels names)."""
+        src = self.label_source
+        if src.startswith("cls_labels"):
+            return self.root / src
+        if src == "masks":
+            return self.mask_path(image_id)
+        return self.root / "Annotations" / f"{image_id}.xml"
 
     def labels(self, image_id: str) -> np.ndarray:
         """Image-level labels.
@@ -146,13 +176,22 @@ class WSSSDataset:
         """
         y = self._labels_raw(image_id)
         if y.shape != (self.n_classes,):
-            raise DataError(f"labels of {image_id} have {y.shape[0]} entries, expected {self.n_classes}")
+            raise DataError(
+                f"{self.label_path(image_id)}: the labels of {image_id} have {y.reshape(-1).shape[0]} entries, but "
+                f"{self._classes_origin()} names {self.n_classes} classes; "
+                + ("a dataset with other classes is dataset.name: custom with a classes.txt (README: Bring your own data)"
+                   if self.name in ("voc12", "coco14") else "make the class list and the labels agree")
+            )
         if y.sum() == 0:
             raise DataError(
-                f"{image_id}: image has no labels; WSSS needs at least one class per training image — "
-                f"remove it from {self.split}.txt or fix its annotation"
+                f"{self.label_path(image_id)}: image {image_id} has no labels; WSSS needs at least one class per "
+                f"image — remove it from {self.split}.txt or fix its annotation"
             )
         return y
+
+    def _classes_origin(self) -> str:
+        return {"voc12": "VOC 2012", "coco14": "COCO 2014", "custom": str(self.root / "classes.txt")}.get(
+            self.name, str(self.root / "dataset.json"))
 
     def _labels_raw(self, image_id: str) -> np.ndarray:
         npy = self._npy_labels
@@ -162,9 +201,12 @@ class WSSSDataset:
                 if k in npy:
                     return npy[k]
             fname = "cls_labels_coco.npy" if self.name == "coco14" else "cls_labels.npy"
-            raise DataError(f"{self.root / fname}: no labels for image {image_id}; the label list does not match the images")
+            raise DataError(f"{self.root / fname}: no labels for image {image_id}; add its entry to this file or "
+                           f"remove {image_id} from {self.split}.txt")
         if self.name == "coco14":
             raise DataError(f"{self.root / 'cls_labels_coco.npy'}: missing; COCO image labels come from this file")
+        if self.label_source == "masks":
+            return self._mask_labels(image_id)
         xml = self.root / "Annotations" / f"{image_id}.xml"
         if not xml.is_file():
             raise DataError(f"{xml}: annotation not found for image {image_id}; add it or provide cls_labels.npy")
@@ -180,13 +222,34 @@ class WSSSDataset:
             y[self.classes.index(name)] = 1.0
         return y
 
+    def _mask_labels(self, image_id: str) -> np.ndarray:
+        """Labels derived from the mask: the classes present (0 and 255 excluded); cached per image."""
+        cache = self.__dict__.setdefault("_mask_label_cache", {})
+        if image_id not in cache:
+            path = self.mask_path(image_id)
+            if not path.is_file():
+                raise DataError(
+                    f"{path}: mask not found; {self.root} has neither cls_labels.npy nor Annotations/, so the "
+                    f"image-level labels of {image_id} come from its mask — add the mask or a label file"
+                )
+            m = self.read_mask(image_id)
+            y = np.zeros(self.n_classes, np.float32)
+            present = np.unique(m)
+            present = present[(present > 0) & (present <= self.n_classes)]
+            y[present.astype(np.int64) - 1] = 1.0
+            cache[image_id] = y
+        return cache[image_id]
+
     # ------------------------------------------------------------------ pixels
     def read_image(self, image_id: str) -> np.ndarray:
         """Returns: uint8 (H, W, 3)."""
         return read_image(self.image_path(image_id))
 
     def read_mask(self, image_id: str, image_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """Ground-truth mask (H, W) uint8, checked against the image size when given."""
+        """Ground-truth mask (H, W) uint8, checked against the image's size (``image_hw``, or read from the
+        image's header), so a mask of another size is a named error, never an IndexError further on."""
+        if image_hw is None:
+            image_hw = self.image_size(image_id)
         m = read_mask(self.mask_path(image_id), image_hw)
         bad = (m > self.n_classes) & (m != 255)
         if bad.any():
@@ -220,11 +283,42 @@ class WSSSDataset:
             if need_masks and not self.mask_path(i).is_file():
                 raise DataError(f"{self.mask_path(i)}: ground-truth mask missing for {i}")
 
+    def identity_files(self) -> list[Path]:
+        """The files that say which images, classes and labels this split is (for a training's resume guard):
+        the split list, dataset.json / classes.txt and the label file; those missing are skipped by the guard."""
+        lst = (self.root / f"{self.split}.txt" if self.name == "coco14"
+               else self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt")
+        return [lst] + [self.root / f for f in ("dataset.json", "classes.txt", "cls_labels.npy", "cls_labels_coco.npy")]
+
     def __len__(self) -> int:
         return len(self.ids)
 
     def __repr__(self) -> str:
         return f"WSSSDataset({self.name}, {self.root}, {self.split}, {len(self)} images, {self.n_classes} classes)"
+
+
+def read_classes(path: Path) -> list[str]:
+    """Class names of a custom dataset: one a line; a first line naming the background is dropped.
+
+    Raises:
+        DataError: missing file, no class, a duplicated or blank-inside name.
+    """
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing; a custom dataset lists its class names there, one a line, in label order "
+            f"(mask value 1 = first line; a first line 'background' is allowed and skipped)"
+        )
+    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if names and names[0].lower() in BACKGROUND_NAMES:
+        names = names[1:]
+    if not names:
+        raise DataError(f"{path}: no class names; write one object class a line")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"{path}: class names {dup} appear more than once; each class needs its own line")
+    if len(names) > 254:
+        raise DataError(f"{path}: {len(names)} classes; masks are 8-bit with 255 = ignore, so at most 254")
+    return names
 
 
 def open_dataset(name: str, root: str | Path, split: str) -> WSSSDataset:

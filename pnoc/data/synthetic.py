@@ -836,6 +836,34 @@ def compute_stats(cfg: SyntheticConfig, summaries: list[dict[str, Any]], counts:
     }
 
 
+OWNER_MARKER = ".pnoc-synthetic"
+"""File the generator writes first into a folder it creates; it writes into no folder without it."""
+
+
+def claim_folder(root: Path) -> None:
+    """Make ``root`` the generator's own folder, or refuse a folder someone else filled.
+
+    The generator rewrites lists, labels and images: run on a user's dataset (say, by ``snakemake -F``
+    with a folder that is really theirs) it would destroy it. It therefore writes only into a new or
+    empty folder, which it marks with :data:`OWNER_MARKER`, or into a folder carrying that mark.
+
+    Raises:
+        DataError: ``root`` is a file, or a non-empty folder without the mark.
+    """
+    from pnoc.io import DataError
+
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: is a file; dataset.root of the synthetic benchmark must be a folder")
+    if root.is_dir() and not (root / OWNER_MARKER).is_file() and any(root.iterdir()):
+        raise DataError(
+            f"{root}: this folder was not created by the synthetic generator (no {OWNER_MARKER} in it) and is not "
+            f"empty, so it is left untouched. For your own data set dataset.name: custom (README: Bring your own "
+            f"data); for the benchmark set dataset.root to a new folder, or delete this one if it is an old copy"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / OWNER_MARKER).write_text("written by pnoc.data.synthetic; this folder is regenerated on demand\n")
+
+
 def generate(root: str | Path, cfg: SyntheticConfig) -> dict[str, Any]:
     """Write the synthetic dataset in Pascal VOC layout under ``root`` (see the module docstring).
 
@@ -850,7 +878,7 @@ def generate(root: str | Path, cfg: SyntheticConfig) -> dict[str, Any]:
     """
     cfg.validate()
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    claim_folder(root)
     meta = root / "dataset.json"
     if meta.exists():
         meta.unlink()
@@ -871,6 +899,8 @@ def generate(root: str | Path, cfg: SyntheticConfig) -> dict[str, Any]:
     for split in SPLITS:
         ids = [image_id(split, i) for i in range(counts[split])]
         write_text(root / "ImageSets" / "Segmentation" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
+    # the class list of a custom dataset (dataset.name: custom), so a generated folder also serves as one
+    write_text(root / "classes.txt", "".join(f"{c}\n" for c in ["background", *cfg.classes]))
     stats = compute_stats(cfg, summaries, counts)
     write_json(meta, {"name": "synthetic", "classes": cfg.classes, "config": dataclasses.asdict(cfg),
                       "stats": stats, "class_info": class_info(cfg)})

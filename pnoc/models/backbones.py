@@ -31,6 +31,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
+from pnoc.training import safe_load
+
 log = logging.getLogger(__name__)
 
 FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -201,11 +203,12 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     Raises:
         FileNotFoundError: no such file.
         ValueError: keys missing or shapes differ (the message lists them).
+        pnoc.io.DataError: (a ValueError) the file holds more than tensors and plain values, or is unreadable.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found; set weights: none|imagenet|<existing .pth>")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = safe_load(path, "weights file", "save the weights as a plain state dict: torch.save(model.state_dict(), path)")
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

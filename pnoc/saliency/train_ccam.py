@@ -235,7 +235,7 @@ def run(cfg: Config) -> dict:
     if cfg.init == "classifier":  # backbone/weights are unused then: changing them must not block a resume
         conf["backbone"] = conf["weights"] = "from classifier"
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
-                         inputs=(cfg.hints, cfg.classifier, Path(cfg.root) / "dataset.json"),
+                         inputs=(cfg.hints, cfg.classifier, *ds.identity_files()),
                          model=model, opt=opt, sched=sched, scaler=scaler)
     eval_ids = ds.ids[:cfg.epoch_eval_images] if cfg.epoch_eval_images > 0 else list(ds.ids)
     log.info("%s on %s/%s: %d images, %d steps/epoch, %d epochs, backbone %s (init %s), device %s", cfg.method,

@@ -121,7 +121,7 @@ def run(cfg: Config) -> dict:
     if cfg.init == "classifier":  # backbone/weights are unused then: changing them must not block a resume
         conf["backbone"] = conf["weights"] = "from classifier"
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
-                         inputs=(cfg.masks, cfg.classifier, Path(cfg.root) / "dataset.json"),
+                         inputs=(cfg.masks, cfg.classifier, *ds.identity_files()),
                          model=model, opt=opt, scaler=scaler)
     log.info("PoolNet (%s, width %d) on %s/%s with masks %s: %d images, %d epochs, device %s", arch["backbone"],
              cfg.width, cfg.dataset, cfg.split, cfg.masks, len(train_set), cfg.epochs, device)

@@ -159,7 +159,7 @@ def run(cfg: Config) -> dict:
     scaler = make_scaler(device, cfg.amp)
     conf = resume_key(cfg)
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
-                         inputs=(masks_dir, cfg.classifier, Path(cfg.root) / "dataset.json"),
+                         inputs=(masks_dir, cfg.classifier, *ds.identity_files()),
                          model=model, opt=opt, sched=sched, scaler=scaler)
     log.info("training %s/%s on %s/%s with masks %s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.arch, cfg.backbone, cfg.dataset, cfg.split, cfg.masks_dir, len(train_set), steps_per_epoch,

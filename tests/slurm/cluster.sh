@@ -2,13 +2,15 @@
 # Start, stop or query a real single-node SLURM cluster for the pnoc SLURM tests.
 #
 #   tests/slurm/cluster.sh start    # install (if needed), configure, start munged+slurmctld+slurmd, wait for "idle"
-#   tests/slurm/cluster.sh stop     # cancel leftover jobs, stop slurmd, slurmctld, munged (reverse order)
+#   tests/slurm/cluster.sh stop     # cancel leftover jobs, wait for their steps, stop slurmd, slurmctld,
+#                                   # munged (reverse order); kill (and report) any job process left
 #   tests/slurm/cluster.sh status   # exit 0 if all three daemons run and the node answers
 #
 # Needs root on Debian (Debian's slurm-wlm + munge packages, no systemd needed). Exit codes:
 #   2  cannot run here (not root, not Debian, packages not installable, foreign slurm.conf), with a
 #      one-line reason, so callers (tests/test_slurm.py) can skip;
-#   1  installed but the cluster did not come up (a real failure; logs are printed).
+#   1  installed but the cluster did not come up (a real failure; logs are printed);
+#   3  (stop) stopped, but processes of its jobs outlived the daemons: they are listed, then killed.
 # State lives where Debian expects it: /etc/slurm, /etc/munge, /var/spool/slurm{ctld,d}, /run, /var/log/slurm.
 #
 # The node advertises one fake GPU (gres gpu:fake:1 backed by /dev/fakegpu0, a copy of /dev/null):
@@ -34,6 +36,7 @@ MUNGE_RUN=/run/munge
 MUNGE_PID=$MUNGE_RUN/munged.pid
 FAKE_GPU=/dev/fakegpu0
 START_TIMEOUT=${PNOC_SLURM_START_TIMEOUT:-60}
+CLUSTER_NAME=pnoc-ci
 
 say() { echo "cluster.sh: $*"; }
 die() { echo "cluster.sh: ERROR: $1" >&2; exit "${2:-1}"; }
@@ -124,7 +127,7 @@ write_config() {
     fi
     cat > "$SLURM_CONF" <<CONF
 $MARKER -- a throwaway single-node test cluster; rewritten on every start.
-ClusterName=pnoc-ci
+ClusterName=$CLUSTER_NAME
 SlurmctldHost=$host
 SlurmUser=slurm
 SlurmdUser=root
@@ -136,8 +139,13 @@ SlurmctldPidFile=$CTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-# no systemd/cgroup delegation in CI containers: track processes by parent pid, no task binding
-ProctrackType=proctrack/linuxproc
+# no systemd/cgroup delegation in CI containers: track a step's processes by process group (each
+# task leads its own group, which every descendant inherits), no task binding. Not proctrack/linuxproc
+# (parent pids): a process whose parent dies is reparented to pid 1 and leaves the job. After scancel,
+# a trainer that catches SIGTERM to finish its epoch outlived its killed shell that way, kept the step
+# (and its slurmstepd) in COMPLETING and could survive the test cluster. With pgid, as with cgroups on
+# real sites, the end of the step SIGKILLs whatever is left in the group.
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
@@ -282,6 +290,32 @@ cmd_stop_daemons() {
     stop_pid "$MUNGE_PID" munged
 }
 
+# job_processes: pids of the processes of this cluster's jobs that are still alive: every slurmstepd,
+# and every process whose environment names this cluster (SLURM sets SLURM_CLUSTER_NAME in each job
+# and the job's processes inherit it), whatever its parent is now (an orphan is reparented to pid 1).
+job_processes() {
+    local f pid
+    {
+        grep -lx slurmstepd /proc/[0-9]*/comm 2>/dev/null || true
+        grep -lzx "SLURM_CLUSTER_NAME=$CLUSTER_NAME" /proc/[0-9]*/environ 2>/dev/null || true
+    } | while read -r f; do
+        pid=${f#/proc/}; pid=${pid%%/*}
+        [ "$pid" = "$$" ] && continue
+        # zombies are gone already (their parent has not reaped them yet)
+        [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ] && continue
+        [ -d "/proc/$pid" ] && echo "$pid"
+    done | sort -un
+}
+
+# wait_job_processes SECONDS: true once no job process is left
+wait_job_processes() {
+    local deadline=$(( SECONDS + $1 ))
+    while [ -n "$(job_processes)" ]; do
+        [ "$SECONDS" -ge "$deadline" ] && return 1
+        sleep 0.5
+    done
+}
+
 cmd_stop() {
     preflight
     if pid_alive "$CTLD_PID" slurmctld; then
@@ -292,14 +326,33 @@ cmd_stop() {
             say "cancelling leftover jobs: $(echo $jobs)"
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
+            # a cancelled step gets SIGTERM, then SIGKILL after KillWait (default 30 s)
             local i
-            for i in $(seq 1 30); do
-                [ -z "$(squeue -h -t RUNNING,COMPLETING,PENDING -o %i 2>/dev/null)" ] && break
+            for i in $(seq 1 90); do
+                [ -z "$(squeue -h -t RUNNING,COMPLETING,PENDING,SUSPENDED -o %i 2>/dev/null)" ] && break
                 sleep 0.5
             done
         fi
+        # a finished job's slurmstepd exits a moment after squeue stops listing it
+        wait_job_processes 15 || true
     fi
     cmd_stop_daemons
+    # Nothing of a job may outlive the cluster. Kill what is left, name it, and exit 3 so that the
+    # caller (tests/slurm/util.py) reports it: a leftover is a bug in process tracking or cleanup.
+    local left
+    left=$(job_processes | paste -sd, -)
+    if [ -n "$left" ]; then
+        say "ERROR: job processes outlived the cluster; killing them:"
+        ps -o pid,ppid,pgid,etimes,args -p "$left" || true
+        # shellcheck disable=SC2046
+        kill -TERM $(tr , ' ' <<<"$left") 2>/dev/null || true
+        if ! wait_job_processes 10; then
+            # shellcheck disable=SC2046
+            kill -KILL $(job_processes) 2>/dev/null || true
+        fi
+        say "stopped (leftover job processes killed: $left)"
+        return 3
+    fi
     say "stopped"
 }
 

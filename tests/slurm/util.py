@@ -86,7 +86,9 @@ def slurm_cluster() -> Iterator[ClusterInfo]:
       unless ``PNOC_SLURM_REQUIRED=1`` (a CI job dedicated to SLURM), which turns it into a failure.
     - any other non-zero exit (installed, but the daemons do not come up): ``pytest.fail`` with the log.
     - on exit: jobs are cancelled and the daemons stopped, but only if this block started them
-      (a cluster someone started by hand stays up), and not with ``PNOC_SLURM_KEEP=1``.
+      (a cluster someone started by hand stays up), and not with ``PNOC_SLURM_KEEP=1``. A job
+      process that outlives the cluster (``cluster.sh stop`` rc 3: it names and kills it) fails
+      the teardown.
     """
     import pytest
 
@@ -107,8 +109,12 @@ def slurm_cluster() -> Iterator[ClusterInfo]:
     finally:
         cancel_all_jobs()
         if info.started_here and os.environ.get("PNOC_SLURM_KEEP") != "1":
-            res = cluster("stop", timeout=120)
-            print(f"[slurm] cluster.sh stop: rc={res.returncode}\n{(res.stdout + res.stderr).strip()}")
+            res = cluster("stop", timeout=180)
+            out = (res.stdout + res.stderr).strip()
+            print(f"[slurm] cluster.sh stop: rc={res.returncode}\n{out}")
+            # rc 3: processes of the jobs outlived the cluster (cluster.sh lists and kills them)
+            if res.returncode != 0:
+                pytest.fail(f"cluster.sh stop failed (rc={res.returncode}):\n{out}", pytrace=False)
 
 
 def squeue(fmt: str = "%i|%k|%T", states: str = "all") -> list[list[str]]:

@@ -20,7 +20,7 @@ wildcard_constraints:
 
 rule make_affinity_labels:
     input:
-        dataset_marker(),
+        dataset_inputs(images=[AFF_TRAIN_SPLIT], masks=[AFF_TRAIN_SPLIT]),
         unpack(affinity_inputs),
     output:
         labels=directory(f"{RESULTS}/affinity_labels/{{chain}}/seed{{seed}}/{AFF_TRAIN_SPLIT}"),
@@ -28,7 +28,7 @@ rule make_affinity_labels:
         data=dataset_args(),
         split=AFF_TRAIN_SPLIT,
         method=chain_method,
-        saliency=lambda w, input: f"--saliency-dir {input.saliency}" if "saliency" in input.keys() else "",
+        saliency=lambda w, input: f"--saliency-dir {shlex.quote(input.saliency)}" if "saliency" in input.keys() else "",
         args=lambda w: f"{flags(AFF['labels'][chain_method(w)])} {flags(AFF['labels'])}",
     log:
         f"{RESULTS}/logs/make_affinity_labels/{{chain}}-seed{{seed}}.log",
@@ -39,14 +39,14 @@ rule make_affinity_labels:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.affinity.make_affinity_labels {params.data} --split {params.split} --method {params.method}"
-        " --cams-dir {input.cams} {params.saliency} --out-dir {output.labels} --threads {threads}"
-        " {params.args} 2> {log}"
+        "python -m pnoc.affinity.make_affinity_labels {params.data} --split {params.split:q} --method {params.method:q}"
+        " --cams-dir {input.cams:q} {params.saliency} --out-dir {output.labels:q} --threads {threads}"
+        " {params.args} 2> {log:q}"
 
 
 rule train_affinity:
     input:
-        dataset_marker(),
+        dataset_inputs(images=[AFF_TRAIN_SPLIT]),
         unpack(affinity_source),
         weights=backbone_weights(AFF["train"], AFF["train"]["init"] == "backbone").input,
         labels=f"{RESULTS}/affinity_labels/{{chain}}/seed{{seed}}/{AFF_TRAIN_SPLIT}",
@@ -56,7 +56,7 @@ rule train_affinity:
     params:
         data=dataset_args(),
         split=AFF_TRAIN_SPLIT,
-        source=lambda w, input: f"--source-model {input.source}" if "source" in input.keys() else "",
+        source=lambda w, input: f"--source-model {shlex.quote(input.source)}" if "source" in input.keys() else "",
         args=flags(AFF["train"]),
         state=lambda w: state_dir("affinity", w.chain, f"seed{w.seed}"),
         device=config["device"],
@@ -71,15 +71,15 @@ rule train_affinity:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.affinity.train_affinity {params.data} --split {params.split} --labels {input.labels}"
-        " {params.source} --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
-        " --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.affinity.train_affinity {params.data} --split {params.split:q} --labels {input.labels:q}"
+        " {params.source} --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --threads {threads} {params.args} 2> {log:q}"
 
 
 rule propagate:
     input:
-        dataset_marker(),
+        dataset_inputs(split="images"),
         model=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/model.pt",
         cams=chain_cams(),
     output:
@@ -98,21 +98,21 @@ rule propagate:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.affinity.propagate {params.data} --split {wildcards.split} --model {input.model}"
-        " --cams-dir {input.cams} --out-dir {output.rw} --device {params.device} --threads {threads}"
-        " {params.args} 2> {log}"
+        "python -m pnoc.affinity.propagate {params.data} --split {wildcards.split:q} --model {input.model:q}"
+        " --cams-dir {input.cams:q} --out-dir {output.rw:q} --device {params.device:q} --threads {threads}"
+        " {params.args} 2> {log:q}"
 
 
 rule make_pseudo_masks:
     input:
-        dataset_marker(),
+        dataset_inputs(split="images"),
         unpack(pseudo_mask_inputs),
     output:
         masks=directory(f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks"),
     params:
         data=dataset_args(),
         args=flags(AFF["masks"]),
-        saliency=lambda w, input: f"--saliency-dir {input.saliency}" if "saliency" in input.keys() else "",
+        saliency=lambda w, input: f"--saliency-dir {shlex.quote(input.saliency)}" if "saliency" in input.keys() else "",
     log:
         f"{RESULTS}/logs/make_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log",
     conda:
@@ -122,13 +122,13 @@ rule make_pseudo_masks:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.affinity.make_pseudo_masks {params.data} --split {wildcards.split} --rw-dir {input.rw}"
-        " --out-dir {output.masks} --threads {threads} {params.args} {params.saliency} 2> {log}"
+        "python -m pnoc.affinity.make_pseudo_masks {params.data} --split {wildcards.split:q} --rw-dir {input.rw:q}"
+        " --out-dir {output.masks:q} --threads {threads} {params.args} {params.saliency} 2> {log:q}"
 
 
 rule evaluate_masks:
     input:
-        dataset_marker(),
+        dataset_inputs(split="masks"),
         masks=f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks",
         prior=lambda w: f"{RESULTS}/priors/{chain_prior(w)}/seed{w.seed}/{w.split}/metrics.json",
     output:
@@ -145,8 +145,8 @@ rule evaluate_masks:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.affinity.evaluate_masks {params.data} --split {wildcards.split} --variant {wildcards.chain}"
-        " --masks-dir {input.masks} --prior-metrics {input.prior} --out {output.metrics} 2> {log}"
+        "python -m pnoc.affinity.evaluate_masks {params.data} --split {wildcards.split:q} --variant {wildcards.chain:q}"
+        " --masks-dir {input.masks:q} --prior-metrics {input.prior:q} --out {output.metrics:q} 2> {log:q}"
 
 
 rule masks_table:
@@ -166,8 +166,8 @@ rule masks_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.affinity.masks_table --out {output.md} --metrics {input.metrics} {params.args} 2> {log}"
-        " && cat {output.md}"
+        "python -m pnoc.affinity.masks_table --out {output.md:q} --metrics {input.metrics:q} {params.args} 2> {log:q}"
+        " && cat {output.md:q}"
 
 
 # the default chain's pseudo masks (eval and val splits) go into results/summary.json

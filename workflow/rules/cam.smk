@@ -21,14 +21,14 @@ rule pretrain_backbone:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.cam.pretrain_backbone --out {output.weights} --metrics {output.metrics}"
-        " --state-dir {params.state} --device {params.device} --num-workers {params.workers}"
-        " --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.cam.pretrain_backbone --out {output.weights:q} --metrics {output.metrics:q}"
+        " --state-dir {params.state:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --threads {threads} {params.args} 2> {log:q}"
 
 
 rule train_classifier:
     input:
-        dataset_marker(),
+        dataset_inputs(images=[DATASET["train_split"], DATASET["val_split"]]),
         weights=backbone_weights(config["classifier"]).input,
     output:
         model=f"{RESULTS}/classifier/seed{{seed}}/model.pt",
@@ -51,15 +51,15 @@ rule train_classifier:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.cam.train_classifier {params.data} --split {params.split} --val-split {params.val}"
-        " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
-        " --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.cam.train_classifier {params.data} --split {params.split:q} --val-split {params.val:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --threads {threads} {params.args} 2> {log:q}"
 
 
 rule infer_cams:
     input:
-        dataset_marker(),
+        dataset_inputs(split="images"),
         model=cam_model,
     output:
         cams=directory(f"{RESULTS}/cams/{{variant}}/seed{{seed}}/{{split}}"),
@@ -77,13 +77,13 @@ rule infer_cams:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.cam.infer_cams {params.data} --split {wildcards.split} --model {input.model}"
-        " --out-dir {output.cams} --device {params.device} --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.cam.infer_cams {params.data} --split {wildcards.split:q} --model {input.model:q}"
+        " --out-dir {output.cams:q} --device {params.device:q} --threads {threads} {params.args} 2> {log:q}"
 
 
 rule evaluate_priors:
     input:
-        dataset_marker(),
+        dataset_inputs(split="masks"),
         cams=f"{RESULTS}/cams/{{variant}}/seed{{seed}}/{{split}}",
     output:
         metrics=f"{RESULTS}/priors/{{variant}}/seed{{seed}}/{{split}}/metrics.json",
@@ -101,13 +101,13 @@ rule evaluate_priors:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.cam.evaluate_priors {params.data} --split {wildcards.split} --variant {wildcards.variant}"
-        " --maps-dir {input.cams} --out {output.metrics} --masks-dir {output.masks} {params.args} 2> {log}"
+        "python -m pnoc.cam.evaluate_priors {params.data} --split {wildcards.split:q} --variant {wildcards.variant:q}"
+        " --maps-dir {input.cams:q} --out {output.metrics:q} --masks-dir {output.masks:q} {params.args} 2> {log:q}"
 
 
 rule train_cam:
     input:
-        dataset_marker(),
+        dataset_inputs(images=[DATASET["train_split"], DATASET["eval_split"]], masks=[DATASET["eval_split"]]),
         classifier=f"{RESULTS}/classifier/seed{{seed}}/model.pt",
         weights=backbone_weights(config["classifier"], config["cam"]["init"] == "backbone").input,
     output:
@@ -134,11 +134,11 @@ rule train_cam:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.cam.train_cam {params.data} --split {params.split} --eval-split {params.eval_split}"
-        " --classifier {input.classifier} --strategy {params.strategy} --label-smoothing {params.ls}"
-        " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
-        " --threads {threads} {params.arch} {params.args} 2> {log}"
+        "python -m pnoc.cam.train_cam {params.data} --split {params.split:q} --eval-split {params.eval_split:q}"
+        " --classifier {input.classifier:q} --strategy {params.strategy:q} --label-smoothing {params.ls:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --threads {threads} {params.arch} {params.args} 2> {log:q}"
 
 
 rule priors_table:
@@ -161,8 +161,8 @@ rule priors_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.cam.priors_table --out {output.md} --priors {input.metrics}"
-        " --training {input.training} 2> {log} && cat {output.md}"
+        "python -m pnoc.cam.priors_table --out {output.md:q} --priors {input.metrics:q}"
+        " --training {input.training:q} 2> {log:q} && cat {output.md:q}"
 
 
 if DATASET["name"] == "synthetic":
@@ -170,7 +170,7 @@ if DATASET["name"] == "synthetic":
     rule diagnose:
         """The benchmark's spec sheet: the premises of erasing, Puzzle and context, measured (pnoc.cam.diagnose)."""
         input:
-            dataset_marker(),
+            dataset_inputs(images=[DATASET["val_split"]], masks=[DATASET["val_split"]]),
             classifier=f"{RESULTS}/classifier/seed{SEED0}/model.pt",
         output:
             json=f"{RESULTS}/tables/benchmark.json",
@@ -190,6 +190,6 @@ if DATASET["name"] == "synthetic":
             mem_mb=mem_infer,
             runtime=runtime_infer,
         shell:
-            "python -m pnoc.cam.diagnose {params.data} --split {params.split} --classifier {input.classifier}"
-            " --out {output.json} --table {output.md} --noc-delta {params.delta} --device {params.device}"
-            " --threads {threads} {params.args} 2> {log}"
+            "python -m pnoc.cam.diagnose {params.data} --split {params.split:q} --classifier {input.classifier:q}"
+            " --out {output.json:q} --table {output.md:q} --noc-delta {params.delta:q} --device {params.device:q}"
+            " --threads {threads} {params.args} 2> {log:q}"

@@ -79,11 +79,49 @@ def dataset_args():
     return f"--dataset {DATASET['name']} --root {shlex.quote(DATASET['root'])}"
 
 
-def dataset_marker():
-    """The dataset as a DAG input: the generated marker for synthetic, nothing for VOC/COCO."""
-    if DATASET["name"] == "synthetic":
-        return f"{DATASET['root']}/dataset.json"
-    return []
+def dataset_manifest(split, kind="images"):
+    """Manifest of one kind (images | masks) of a split, written by the check_dataset job (dataset.smk)."""
+    return f"{RESULTS}/dataset/manifest/{split}/{kind}.json"
+
+
+def dataset_inputs(images=(), masks=(), split=None):
+    """The dataset as a DAG input: the manifests of what a job reads.
+
+    Args:
+        images: splits whose images and labels the job reads.
+        masks: splits whose ground-truth masks it reads (evaluations; scores against masks where present).
+        split: "images" or "masks" for the split of the job's ``{split}`` wildcard ("masks" adds both).
+
+    Returns:
+        an input function; the job reruns exactly when a file of what it reads changes: a corrected val
+        mask reruns the val evaluations, not the training.
+    """
+
+    def inner(wildcards):
+        imgs, msks = list(images), list(masks)
+        if split is not None:
+            imgs.append(wildcards.split)
+            if split == "masks":
+                msks.append(wildcards.split)
+        out = [dataset_manifest(s, "images") for s in imgs] + [dataset_manifest(s, "masks") for s in msks]
+        return list(dict.fromkeys(out))
+
+    return inner
+
+
+def dataset_split_files(wildcards):
+    """Files the check_dataset job watches (pnoc.data.check_dataset.dataset_files)."""
+    from pnoc.data.check_dataset import dataset_files
+
+    return dataset_files(DATASET["name"], DATASET["root"], wildcards.split, wildcards.kind)
+
+
+def split_needs_masks(split):
+    """Evaluated splits need a ground-truth mask for every image; so does the train split of supervised DeepLab."""
+    evaluated = {DATASET["eval_split"], DATASET["val_split"]}
+    if config["segmentation"]["supervised"]:
+        evaluated.add(DATASET["train_split"])
+    return split in evaluated
 
 
 def benchmark_tables():
@@ -171,7 +209,7 @@ def saliency_classifier(section):
 
 def saliency_classifier_flag(section):
     if SAL[section]["init"] == "classifier":
-        return lambda w: f"--classifier {RESULTS}/classifier/seed{w.seed}/model.pt"
+        return lambda w: f"--classifier {shlex.quote(f'{RESULTS}/classifier/seed{w.seed}/model.pt')}"
     return ""
 
 
@@ -313,9 +351,9 @@ def gallery_inputs(wildcards):
 
 def gallery_args(wildcards):
     cols = gallery_columns(config["report"]["gallery_split"])
-    masks = " ".join(f"{n}={f}" for n, (k, f) in cols.items() if k == "masks")
-    maps = " ".join(f"{n}={f}" for n, (k, f) in cols.items() if k == "maps")
-    return (f"--columns {' '.join(cols)}" + (f" --masks {masks}" if masks else "")
+    masks = " ".join(shlex.quote(f"{n}={f}") for n, (k, f) in cols.items() if k == "masks")
+    maps = " ".join(shlex.quote(f"{n}={f}") for n, (k, f) in cols.items() if k == "maps")
+    return (f"--columns {' '.join(map(shlex.quote, cols))}" + (f" --masks {masks}" if masks else "")
             + (f" --maps {maps}" if maps else ""))
 
 

@@ -24,7 +24,7 @@ rule report_tables:
             for page, category in report_pages().items()
         },
     params:
-        pages=lambda w, input: " ".join(f"{page}={p}" for (page, _), p in zip(report_metrics(), input.metrics)),
+        pages=lambda w, input: " ".join(shlex.quote(f"{page}={p}") for (page, _), p in zip(report_metrics(), input.metrics)),
         out=lambda w, output: output[0].rsplit("/", 1)[0],
     log:
         f"{RESULTS}/logs/report_tables.log",
@@ -35,13 +35,13 @@ rule report_tables:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.report.report_tables --out-dir {params.out} --metrics {params.pages}"
-        " --summary {input.summary} 2> {log}"
+        "python -m pnoc.report.report_tables --out-dir {params.out:q} --metrics {params.pages}"
+        " --summary {input.summary:q} 2> {log:q}"
 
 
 rule gallery:
     input:
-        dataset_marker(),
+        dataset_inputs(masks=[config["report"]["gallery_split"]], images=[config["report"]["gallery_split"]]),
         unpack(gallery_inputs),
     output:
         panels=report(
@@ -65,5 +65,5 @@ rule gallery:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.report.gallery {params.data} --split {params.split} --out-dir {output.panels}"
-        " {params.columns} {params.args} 2> {log}"
+        "python -m pnoc.report.gallery {params.data} --split {params.split:q} --out-dir {output.panels:q}"
+        " {params.columns} {params.args} 2> {log:q}"

@@ -14,7 +14,7 @@
 
 rule extract_hints:
     input:
-        dataset_marker(),
+        dataset_inputs(split="masks"),
         cams=f"{RESULTS}/cams/{{variant}}/seed{{seed}}/{{split}}",
     output:
         hints=directory(f"{RESULTS}/hints/{{variant}}/seed{{seed}}/{{split}}"),
@@ -30,13 +30,13 @@ rule extract_hints:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.saliency.extract_hints {params.data} --split {wildcards.split} --cams-dir {input.cams}"
-        " --out-dir {output.hints} {params.args} 2> {log}"
+        "python -m pnoc.saliency.extract_hints {params.data} --split {wildcards.split:q} --cams-dir {input.cams:q}"
+        " --out-dir {output.hints:q} {params.args} 2> {log:q}"
 
 
 rule train_ccam:
     input:
-        dataset_marker(),
+        dataset_inputs(images=[DATASET["train_split"]], masks=[DATASET["train_split"]]),
         hints=saliency_hints,
         classifier=saliency_classifier("ccam"),
         weights=backbone_weights(SAL["ccam"], SAL["ccam"]["init"] == "backbone").input,
@@ -65,16 +65,16 @@ rule train_ccam:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.saliency.train_ccam {params.data} --split {params.split} --method {wildcards.method}"
-        " --hints {input.hints} {params.classifier} --fg-threshold {params.fg} --bg-threshold {params.bg}"
-        " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
-        " --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.saliency.train_ccam {params.data} --split {params.split:q} --method {wildcards.method:q}"
+        " --hints {input.hints:q} {params.classifier} --fg-threshold {params.fg:q} --bg-threshold {params.bg:q}"
+        " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --threads {threads} {params.args} 2> {log:q}"
 
 
 rule infer_saliency:
     input:
-        dataset_marker(),
+        dataset_inputs(split="images"),
         model=f"{RESULTS}/ccam/{{method}}/seed{{seed}}/model.pt",
     output:
         raw=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/raw"),
@@ -95,14 +95,14 @@ rule infer_saliency:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.saliency.infer_saliency {params.data} --split {wildcards.split} --model {input.model}"
-        " --raw-dir {output.raw} --pseudo-dir {output.pseudo} --device {params.device}"
-        " --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.saliency.infer_saliency {params.data} --split {wildcards.split:q} --model {input.model:q}"
+        " --raw-dir {output.raw:q} --pseudo-dir {output.pseudo:q} --device {params.device:q}"
+        " --threads {threads} {params.args} 2> {log:q}"
 
 
 rule train_poolnet:
     input:
-        dataset_marker(),
+        dataset_inputs(images=[DATASET["train_split"]]),
         masks=f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{DATASET['train_split']}/pseudo",
         classifier=saliency_classifier("poolnet"),
         weights=backbone_weights(SAL["poolnet"], SAL["poolnet"]["init"] == "backbone").input,
@@ -129,15 +129,15 @@ rule train_poolnet:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.saliency.train_poolnet {params.data} --split {params.split} --masks {input.masks}"
-        " {params.classifier} --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
-        " --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.saliency.train_poolnet {params.data} --split {params.split:q} --masks {input.masks:q}"
+        " {params.classifier} --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --threads {threads} {params.args} 2> {log:q}"
 
 
 rule infer_poolnet:
     input:
-        dataset_marker(),
+        dataset_inputs(split="images"),
         model=f"{RESULTS}/poolnet/{{method}}/seed{{seed}}/model.pt",
     output:
         maps=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/poolnet"),
@@ -157,13 +157,13 @@ rule infer_poolnet:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.saliency.infer_poolnet {params.data} --split {wildcards.split} --model {input.model}"
-        " --out-dir {output.maps} --device {params.device} --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.saliency.infer_poolnet {params.data} --split {wildcards.split:q} --model {input.model:q}"
+        " --out-dir {output.maps:q} --device {params.device:q} --threads {threads} {params.args} 2> {log:q}"
 
 
 rule evaluate_saliency:
     input:
-        dataset_marker(),
+        dataset_inputs(split="masks"),
         maps=saliency_eval_maps,
         cams=f"{RESULTS}/cams/{SAL_PRIOR}/seed{{seed}}/{{split}}",
     output:
@@ -186,9 +186,9 @@ rule evaluate_saliency:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.saliency.evaluate_saliency {params.data} --split {wildcards.split} --variant {wildcards.variant}"
-        " --maps-dir {input.maps} --maps-format {params.fmt} --cams-dir {input.cams} --cam-variant {params.prior}"
-        " --out {output.metrics} --masks-dir {output.masks} {params.args} 2> {log}"
+        "python -m pnoc.saliency.evaluate_saliency {params.data} --split {wildcards.split:q} --variant {wildcards.variant:q}"
+        " --maps-dir {input.maps:q} --maps-format {params.fmt:q} --cams-dir {input.cams:q} --cam-variant {params.prior:q}"
+        " --out {output.metrics:q} --masks-dir {output.masks:q} {params.args} 2> {log:q}"
 
 
 rule saliency_table:
@@ -200,7 +200,7 @@ rule saliency_table:
         md=f"{RESULTS}/tables/saliency.md",
         csv=f"{RESULTS}/tables/saliency.csv",
     params:
-        hints=lambda w, input: " ".join(f"{h}/summary.json" for h in input.hints),
+        hints=lambda w, input: " ".join(shlex.quote(f"{h}/summary.json") for h in input.hints),
     log:
         f"{RESULTS}/logs/saliency_table.log",
     conda:
@@ -210,8 +210,8 @@ rule saliency_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.saliency.saliency_table --out {output.md} --metrics {input.metrics} --hints {params.hints}"
-        " --training {input.training} 2> {log} && cat {output.md}"
+        "python -m pnoc.saliency.saliency_table --out {output.md:q} --metrics {input.metrics:q} --hints {params.hints}"
+        " --training {input.training:q} 2> {log:q} && cat {output.md:q}"
 
 
 # the default chain's saliency (raw maps and PoolNet) goes into results/summary.json

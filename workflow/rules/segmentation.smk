@@ -12,7 +12,7 @@
 
 rule train_segmentation:
     input:
-        dataset_marker(),
+        dataset_inputs(images=[DATASET["train_split"]], masks=[DATASET["train_split"]]),
         unpack(segmentation_train_inputs),
         weights=backbone_weights(SEG, SEG["init"] == "weights").input,
     output:
@@ -25,7 +25,7 @@ rule train_segmentation:
         split=DATASET["train_split"],
         arch=lambda w: segmentation_arch(w.variant),
         masks=segmentation_masks,
-        init=lambda w, input: f"--classifier {input.classifier}" if input.get("classifier") else "",
+        init=lambda w, input: f"--classifier {shlex.quote(input.classifier)}" if input.get("classifier") else "",
         args=flags(SEG, exclude=("arch", "init", "supervised") + SEG_INFER_KEYS),
         state=lambda w: state_dir("segmentation", w.variant, f"seed{w.seed}"),
         device=config["device"],
@@ -40,16 +40,16 @@ rule train_segmentation:
         mem_mb=mem_train,
         runtime=runtime_train,
     shell:
-        "python -m pnoc.segmentation.train_segmentation {params.data} --split {params.split} --variant {wildcards.variant}"
-        " --arch {params.arch} --masks-dir {params.masks} {params.init}"
-        " --out {output.model} --metrics {output.metrics} --state-dir {params.state}"
-        " --seed {wildcards.seed} --device {params.device} --num-workers {params.workers}"
-        " --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.segmentation.train_segmentation {params.data} --split {params.split:q} --variant {wildcards.variant:q}"
+        " --arch {params.arch} --masks-dir {params.masks:q} {params.init}"
+        " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --threads {threads} {params.args} 2> {log:q}"
 
 
 rule infer_segmentation:
     input:
-        dataset_marker(),
+        dataset_inputs(split="images"),
         model=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/model.pt",
     output:
         masks=directory(f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/masks"),
@@ -69,13 +69,13 @@ rule infer_segmentation:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.segmentation.infer_segmentation {params.data} --split {wildcards.split} --model {input.model}"
-        " --out-dir {output.masks} --device {params.device} --threads {threads} {params.args} 2> {log}"
+        "python -m pnoc.segmentation.infer_segmentation {params.data} --split {wildcards.split:q} --model {input.model:q}"
+        " --out-dir {output.masks:q} --device {params.device:q} --threads {threads} {params.args} 2> {log:q}"
 
 
 rule evaluate_segmentation:
     input:
-        dataset_marker(),
+        dataset_inputs(split="masks"),
         masks=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/masks",
     output:
         metrics=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/metrics.json",
@@ -93,8 +93,8 @@ rule evaluate_segmentation:
         mem_mb=mem_infer,
         runtime=runtime_infer,
     shell:
-        "python -m pnoc.segmentation.evaluate_segmentation {params.data} --split {wildcards.split} --variant {wildcards.variant}"
-        " --masks-dir {input.masks} --out {output.metrics} 2> {log}"
+        "python -m pnoc.segmentation.evaluate_segmentation {params.data} --split {wildcards.split:q} --variant {wildcards.variant:q}"
+        " --masks-dir {input.masks:q} --out {output.metrics:q} 2> {log:q}"
 
 
 # the chain's segmentation (val and the evaluated training split) and, optionally, the fully

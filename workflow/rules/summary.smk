@@ -18,5 +18,5 @@ rule summary:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pnoc.report.summary --dataset-root {params.root} --out {output.json} --metrics {input} 2> {log}"
-        " && cat {output.md}"
+        "python -m pnoc.report.summary --dataset-root {params.root:q} --out {output.json:q} --metrics {input:q} 2> {log:q}"
+        " && cat {output.md:q}"
