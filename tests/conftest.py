@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -134,6 +135,23 @@ def snakemake(args, cwd=ROOT, timeout=1200, check=True, env=None):
     if check and p.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-6000:]}")
     return p
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The first "Job stats:" table of a snakemake run or dry run: rule -> job count (no ``total``)."""
+    lines = output.splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == "Job stats:")
+    except StopIteration:
+        return {}
+    counts = {}
+    for ln in lines[start + 3:]:  # header, rule line
+        m = re.match(r"^(\w+)\s+(\d+)$", ln.strip())
+        if not m:
+            break
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
 
 
 def smoke_config(tmp: Path, **overrides) -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from bad_inputs import CUSTOM_CLASSES, FAULTS, Evil, make_custom_dataset
-from conftest import ROOT, snakemake, venv_env
+from conftest import ROOT, job_stats, snakemake, venv_env
 
 from pnoc.data.check_dataset import MAX_LISTED, check_split, dataset_files, format_errors
 from pnoc.data.datasets import WSSSDataset, read_classes
@@ -332,20 +332,6 @@ def custom_run(tmp_path_factory):
     return tmp / f"res {ODD}", root, args, wd, p
 
 
-def _planned(p: subprocess.CompletedProcess) -> dict[str, int]:
-    lines = p.stdout.splitlines()
-    if "Job stats:" not in [ln.strip() for ln in lines]:
-        return {}
-    start = [ln.strip() for ln in lines].index("Job stats:") + 3
-    out = {}
-    for ln in lines[start:]:
-        parts = ln.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        out[parts[0]] = int(parts[1])
-    return out
-
-
 @pytest.mark.slow
 def test_custom_chain_runs_end_to_end_with_odd_paths(custom_run):
     res, root, _, _, p = custom_run
@@ -383,7 +369,7 @@ def test_corrected_val_mask_reruns_only_val_evaluations(custom_run, tmp_path):
         out = Image.fromarray(a, mode="P")
         out.putpalette(pal)
         out.save(mask)
-        plan = _planned(snakemake(["-n", *args], cwd=wd))
+        plan = job_stats(snakemake(["-n", *args], cwd=wd).stdout)
         print(f"[custom chain] a changed val mask plans {plan}")
         assert plan.get("check_dataset") == 1
         assert not [r for r in plan if r.startswith(("train_", "infer_", "pretrain", "propagate", "make_"))], plan

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, smoke_config, smoke_workdir, snakemake, venv_env
+from conftest import ROOT, job_stats, smoke_config, smoke_workdir, snakemake, venv_env
 
 
 def _load_util():
@@ -56,23 +56,6 @@ def slurm_cluster():
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def job_stats(output: str) -> dict[str, int]:
-    """The first "Job stats:" table of a snakemake run or dry run: rule -> job count (no ``total``)."""
-    lines = output.splitlines()
-    try:
-        start = next(i for i, ln in enumerate(lines) if ln.strip() == "Job stats:")
-    except StopIteration:
-        return {}
-    counts = {}
-    for ln in lines[start + 3:]:  # header, rule line
-        m = re.match(r"^(\w+)\s+(\d+)$", ln.strip())
-        if not m:
-            break
-        if m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-    return counts
-
-
 def finished_rules(output: str) -> list[str]:
     """Rules of the jobs a run finished ("Finished jobid: N (Rule: name)"), in order."""
     return re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", output)
