@@ -58,6 +58,18 @@ def make_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradSca
     return torch.amp.GradScaler(device.type, enabled=False)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   scheduler=None) -> None:
+    """One optimisation step on ``loss``: clear the gradients, backward through the (AMP) scaler, step,
+    update the scale and, when given, the learning-rate schedule (the per-iteration poly schedule)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def set_threads(n: int) -> None:
     """Use ``n`` intra-op threads (Snakemake's ``threads:``)."""
     if n and n > 0:

@@ -33,7 +33,7 @@ from pnoc.io import DataError, write_csv, write_json
 from pnoc.models.affinitynet import AffinityNet
 from pnoc.models.backbones import create_backbone
 from pnoc.models.classifier import classifier_backbone_state, load_backbone_state
-from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, poly_scheduler, resolve_device,
+from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, poly_scheduler, resolve_device,
                            resume_key, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.affinity.train_affinity")
@@ -139,11 +139,7 @@ def run(cfg: Config) -> dict:
             bg_pos, fg_pos, neg = pair_labels(grid, pi, ds.n_classes)
             aff = affinity_from_boundary(boundary, pi)
             loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             sums["loss"] += loss.item()
             for k in parts:
                 sums[k] += float(parts[k])

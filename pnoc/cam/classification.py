@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from pnoc.cam.losses import f1_scores, multilabel_soft_margin
-from pnoc.training import autocast
+from pnoc.training import autocast, optimizer_step
 
 
 @dataclass
@@ -44,11 +44,7 @@ def train_multilabel_epoch(model: torch.nn.Module, loader, opt: torch.optim.Opti
         with autocast(device, amp):
             logits, _ = model(x)
         loss = multilabel_soft_margin(logits, y, label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        optimizer_step(loss, opt, scaler, sched)
         tot += loss.item() * x.shape[0]
         n += x.shape[0]
         probs.append(torch.sigmoid(logits.detach().float()).cpu())

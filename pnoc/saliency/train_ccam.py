@@ -52,7 +52,7 @@ from pnoc.models.ccam import create_ccam
 from pnoc.models.classifier import classifier_backbone_state, load_backbone_state
 from pnoc.saliency.losses import ccam_loss, decide_direction, hint_loss
 from pnoc.saliency.maps import binary_gt, read_hint, thresholds
-from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, param_groups, poly_scheduler,
+from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, param_groups, poly_scheduler,
                            resolve_device, resume_key, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.saliency.train_ccam")
@@ -267,11 +267,7 @@ def run(cfg: Config) -> dict:
                     sums["bg_hint_fraction"] += n_bg / z[:, 0].numel()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {n}: {loss.item()}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             for k, v in parts.items():
                 sums[k] += v.item()
             sums["loss"] += loss.item()

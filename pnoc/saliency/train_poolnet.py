@@ -32,7 +32,7 @@ from pnoc.data.loaders import PairedSet, epoch_loader
 from pnoc.io import DataError, read_mask, write_csv, write_json
 from pnoc.models.classifier import classifier_backbone_state, load_backbone_state
 from pnoc.models.poolnet import create_poolnet
-from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, param_groups, resolve_device,
+from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, param_groups, resolve_device,
                            resume_key, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.saliency.train_poolnet")
@@ -138,10 +138,7 @@ def run(cfg: Config) -> dict:
             with autocast(device, cfg.amp):
                 logits = model(x)
             loss = masked_bce(logits, target)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(loss, opt, scaler)
             tot += loss.item()
             v = target != 255
             agree += int(((logits[:, 0].detach() > 0) == (target == 1))[v].sum())

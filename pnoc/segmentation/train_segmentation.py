@@ -37,7 +37,7 @@ from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import confusion, scores
 from pnoc.io import DataError, write_csv, write_json
 from pnoc.models.deeplab import ARCHS, build_segmenter
-from pnoc.training import (OPTIMIZERS, EpochRunner, Runtime, Solver, autocast, load_weights, make_scaler, param_groups,
+from pnoc.training import (OPTIMIZERS, EpochRunner, Runtime, Solver, autocast, load_weights, make_scaler, optimizer_step, param_groups,
                            poly_scheduler, resolve_device, resume_key, save_weights, set_threads)
 
 log = logging.getLogger("pnoc.segmentation.train_segmentation")
@@ -179,11 +179,7 @@ def run(cfg: Config) -> dict:
             valid = (target != 255).sum().clamp(min=1)
             loss = F.cross_entropy(logits.float(), target, ignore_index=255, reduction="sum",
                                    label_smoothing=cfg.label_smoothing) / valid
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             tot += loss.item() * x.shape[0]
             n += x.shape[0]
         dt = time.perf_counter() - t0
