@@ -36,7 +36,7 @@ import numpy as np
 
 from pnoc import cli
 from pnoc.data.datasets import WSSSDataset
-from pnoc.io import DataError, read_lines, write_json
+from pnoc.io import DataError, write_json
 
 log = logging.getLogger("pnoc.data.check_dataset")
 
@@ -61,50 +61,40 @@ class Config:
 # ---------------------------------------------------------------------------------- file lists
 
 
-def split_list(name: str, root: str | Path, split: str) -> Path | None:
-    """The list file of a split (None for a COCO split read from its image folder)."""
-    root = Path(root)
-    if name == "coco14":
-        p = root / f"{split}.txt"
-        return p if p.is_file() else None
-    return root / "ImageSets" / "Segmentation" / f"{split}.txt"
-
-
 KINDS = ("images", "masks")
 
 
-def dataset_files(name: str, root: str | Path, split: str, kind: str = "images") -> list[str]:
-    """Every existing file of one kind of one split (the check's DAG inputs).
+def split_files(ds: WSSSDataset, kind: str) -> list[Path]:
+    """Every existing file of one kind of a split: what its check reads and its manifest lists.
 
     ``images``: the split list, the class and label files, each listed image and annotation (and each
     mask when the labels come from the masks). ``masks``: the list, the class file, each listed mask
-    and image (its size). A listed file that is missing is left out (the check itself reports it), so
-    adding it later changes this set and reruns the check. The synthetic benchmark is a rule output:
-    its marker ``dataset.json`` stands for all its files.
-
-    Raises:
-        DataError: the split list is missing (the dry run fails with the path and the fix).
+    and image (its size). A listed file that is missing is left out (the check itself reports it).
     """
-    root = Path(root)
-    if name == "synthetic":
-        return [str(root / "dataset.json")]
-    lst = split_list(name, root, split)
-    if lst is not None and not lst.is_file():
-        raise DataError(
-            f"{lst}: list of split {split!r} not found; create it (one image id a line) or set dataset.train_split / "
-            f"eval_split / val_split in the config to a split that exists under {lst.parent}"
-        )
-    ds = WSSSDataset(name, root, split)
-    files = ([lst] if lst is not None else []) + [root / "classes.txt"]
+    root = ds.root
+    files = [p for p in [ds.list_path] if p is not None] + [root / "classes.txt", root / "dataset.json"]
     per_image = [ds.image_path]
     if kind == "masks" or ds.label_source == "masks":
         per_image.append(ds.mask_path)
     if kind == "images":
         files += [root / f for f in ("cls_labels.npy", "cls_labels_coco.npy")]
         if ds.label_source == "Annotations":
-            per_image.append(lambda i: root / "Annotations" / f"{i}.xml")
+            per_image.append(ds.label_path)
     files += [f(i) for i in dict.fromkeys(ds.ids) for f in per_image]
-    return [str(p) for p in files if p.is_file()]
+    return [p for p in files if p.is_file()]
+
+
+def dataset_files(name: str, root: str | Path, split: str, kind: str = "images") -> list[str]:
+    """The check's DAG inputs: :func:`split_files` of the split, so adding a missing file later changes this
+    set and reruns the check. The synthetic benchmark is a rule output: its marker ``dataset.json`` stands
+    for all its files.
+
+    Raises:
+        DataError: the split list is missing (the dry run fails with the path and the fix).
+    """
+    if name == "synthetic":
+        return [str(Path(root) / "dataset.json")]
+    return [str(p) for p in split_files(WSSSDataset(name, root, split), kind)]
 
 
 def _stat(path: Path) -> list[int]:
@@ -117,69 +107,46 @@ def _stat(path: Path) -> list[int]:
 _DS: WSSSDataset | None = None  # the split being checked, shared with forked workers
 _KIND = "images"
 _NEED_MASKS = False
+_LABELS = True  # read each image's labels (not when the label file itself is broken: one error says so)
 
 
-def _check_one(image_id: str) -> tuple[str, list[str], dict[str, list[int]], np.ndarray | None]:
-    """Check one image: (id, errors, {relative path: [size, mtime_ns]}, labels or None)."""
-    ds, errors, files = _DS, [], {}
+def _check_one(image_id: str) -> tuple[list[str], np.ndarray | None]:
+    """Check one image: (errors, labels or None)."""
+    ds, errors = _DS, []
     path = ds.image_path(image_id)
     if not path.is_file():
         errors.append(f"{path}: listed in {ds.split}.txt but the image does not exist; add it or remove the line "
                       f"{image_id!r}")
-        return image_id, errors, files, None  # its mask and labels missing too is the same fault
-    files[_rel(ds, path)] = _stat(path)
-    mpath = ds.mask_path(image_id)
-    if _KIND == "masks" or ds.label_source == "masks":
-        if mpath.is_file():
-            files[_rel(ds, mpath)] = _stat(mpath)
-        elif _KIND == "masks" and _NEED_MASKS:
-            errors.append(
-                f"{mpath}: ground-truth mask of {image_id} not found; split {ds.split!r} is evaluated (or trains the "
-                f"supervised DeepLab), so every image needs one - add it, or use another split in the config"
-            )
+        return errors, None  # its mask and labels missing too is the same fault
     if _KIND == "masks":
+        mpath = ds.mask_path(image_id)
+        if not mpath.is_file():
+            if _NEED_MASKS:
+                errors.append(
+                    f"{mpath}: ground-truth mask of {image_id} not found; split {ds.split!r} is evaluated (or trains "
+                    f"the supervised DeepLab), so every image needs one - add it, or use another split in the config"
+                )
+            return errors, None
         try:
-            hw = ds.image_size(image_id)  # the header is enough here; the images check decodes the pixels
-            if mpath.is_file():
-                ds.read_mask(image_id, hw)
+            ds.read_mask(image_id)  # checked against the image header's size; the images check decodes pixels
         except DataError as e:
             errors.append(str(e))
-        return image_id, errors, files, None
+        return errors, None
     labels = None
     try:
         ds.read_image(image_id)
     except DataError as e:
         errors.append(str(e))
-    try:
-        labels = ds.labels(image_id)
-        if ds.label_source == "Annotations":
-            xml = ds.label_path(image_id)
-            files[_rel(ds, xml)] = _stat(xml)
-    except DataError as e:
-        errors.append(str(e))
-    return image_id, errors, files, labels
+    if _LABELS:
+        try:
+            labels = ds.labels(image_id)
+        except DataError as e:
+            errors.append(str(e))
+    return errors, labels
 
 
 def _rel(ds: WSSSDataset, path: Path) -> str:
     return os.path.relpath(path, ds.root)
-
-
-def _label_file_errors(ds: WSSSDataset) -> list[str]:
-    """One error for a label file whose vectors all have the wrong length (instead of one per image)."""
-    if not ds.label_source.startswith("cls_labels"):
-        return []
-    try:
-        d = ds._npy_labels  # noqa: SLF001 - the parsed label file
-    except DataError as e:
-        return [str(e)]
-    sizes = Counter(int(np.asarray(v).size) for v in d.values())
-    if sizes and ds.n_classes not in sizes:
-        (size, _), = sizes.most_common(1)
-        fix = ("a dataset with other classes is dataset.name: custom with a classes.txt (README: Bring your own data)"
-               if ds.name in ("voc12", "coco14") else "make classes.txt and the label file agree")
-        return [f"{ds.root / ds.label_source}: label vectors have {size} entries but the dataset has {ds.n_classes} "
-                f"classes ({ds._classes_origin()}); {fix}"]  # noqa: SLF001
-    return []
 
 
 def check_split(name: str, root: str | Path, split: str, kind: str = "images", need_masks: bool = False,
@@ -190,7 +157,7 @@ def check_split(name: str, root: str | Path, split: str, kind: str = "images", n
         need_masks: with ``kind="masks"``, a missing mask is an error (the split is evaluated); without,
             the masks that exist are checked (stages use them for diagnostics where present).
     """
-    global _DS, _KIND, _NEED_MASKS
+    global _DS, _KIND, _NEED_MASKS, _LABELS
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     root = Path(root)
@@ -199,16 +166,21 @@ def check_split(name: str, root: str | Path, split: str, kind: str = "images", n
     except DataError as e:
         return {}, [str(e)]
     errors: list[str] = []
-    lst = split_list(name, root, split)
+    lst = ds.list_path
     counts = Counter(ds.ids)
     for image_id, n in counts.items():
         if n > 1:
             lines = [k + 1 for k, i in enumerate(ds.ids) if i == image_id]
             errors.append(f"{lst}: image {image_id!r} is listed {n} times (lines {lines}); remove the duplicate lines")
-    label_errors = _label_file_errors(ds) if kind == "images" else []
+    label_errors = []
+    if kind == "images":
+        try:
+            ds.check_label_file()
+        except DataError as e:
+            label_errors.append(str(e))
     errors += label_errors
     ids = list(counts)
-    _DS, _KIND, _NEED_MASKS = ds, kind, need_masks
+    _DS, _KIND, _NEED_MASKS, _LABELS = ds, kind, need_masks, not label_errors
     try:
         if threads > 1 and len(ids) > 64:
             import multiprocessing as mp
@@ -220,20 +192,12 @@ def check_split(name: str, root: str | Path, split: str, kind: str = "images", n
             results = [_check_one(i) for i in ids]
     finally:
         _DS = None
-    files: dict[str, list[int]] = {}
-    if lst is not None:
-        files[_rel(ds, lst)] = _stat(lst)
-    for f in ("classes.txt", "dataset.json") + (("cls_labels.npy", "cls_labels_coco.npy") if kind == "images" else ()):
-        if (root / f).is_file():
-            files[f] = _stat(root / f)
     per_class = np.zeros(ds.n_classes, np.int64)
-    for _, errs, fs, labels in results:
-        # with a wrong-length label file every image fails the same way: that is one error, listed above
-        errors += [e for e in errs if not (label_errors and "entries, but" in e)]
-        files.update(fs)
+    for errs, labels in results:
+        errors += errs
         if labels is not None:
             per_class += labels.astype(bool)
-    errors = list(dict.fromkeys(errors))  # a broken shared file (the label pickle) fails every image alike: once
+    files = {_rel(ds, p): _stat(p) for p in split_files(ds, kind)}
     manifest = {
         "dataset": name,
         "root": str(root.resolve()),

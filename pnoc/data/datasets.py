@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
 
@@ -111,10 +112,18 @@ class WSSSDataset:
         # COCO splits map onto image folders: train2014 / val2014
         return "val2014" if "val" in self.split else "train2014"
 
-    def _load_ids(self) -> list[str]:
+    @property
+    def list_path(self) -> Path | None:
+        """The split's image list (None for a COCO split without one: every image of its folder)."""
         if self.name == "coco14":
             lst = self.root / f"{self.split}.txt"
-            if lst.is_file():
+            return lst if lst.is_file() else None
+        return self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"
+
+    def _load_ids(self) -> list[str]:
+        lst = self.list_path
+        if self.name == "coco14":
+            if lst is not None:
                 ids = read_lines(lst)
             else:
                 folder = self.root / self._coco_folder()
@@ -122,7 +131,11 @@ class WSSSDataset:
                     raise DataError(f"{folder}: image folder not found; check dataset.root")
                 ids = sorted(p.stem for p in folder.glob("*.jpg"))
             return [i if i.startswith("COCO_") else f"COCO_{self._coco_folder()}_{int(i):012d}" for i in ids]
-        lst = self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"
+        if not lst.is_file():
+            raise DataError(
+                f"{lst}: list of split {self.split!r} not found; create it (one image id a line) or set "
+                f"dataset.train_split / eval_split / val_split in the config to a split that exists under {lst.parent}"
+            )
         return read_lines(lst)
 
     def image_path(self, image_id: str) -> Path:
@@ -178,9 +191,7 @@ class WSSSDataset:
         if y.shape != (self.n_classes,):
             raise DataError(
                 f"{self.label_path(image_id)}: the labels of {image_id} have {y.reshape(-1).shape[0]} entries, but "
-                f"{self._classes_origin()} names {self.n_classes} classes; "
-                + ("a dataset with other classes is dataset.name: custom with a classes.txt (README: Bring your own data)"
-                   if self.name in ("voc12", "coco14") else "make the class list and the labels agree")
+                f"{self._classes_origin()} names {self.n_classes} classes; {self._class_count_fix()}"
             )
         if y.sum() == 0:
             raise DataError(
@@ -188,6 +199,26 @@ class WSSSDataset:
                 f"image — remove it from {self.split}.txt or fix its annotation"
             )
         return y
+
+    def check_label_file(self) -> None:
+        """Check the label file as a whole (cls_labels*.npy): it loads safely, and its vectors do not all have a
+        length other than the class count. One error for the file instead of one per image.
+
+        Raises:
+            DataError: naming the label file and the fix.
+        """
+        if not self.label_source.startswith("cls_labels"):
+            return
+        sizes = Counter(int(np.asarray(v).size) for v in self._npy_labels.values())
+        if sizes and self.n_classes not in sizes:
+            (size, _), = sizes.most_common(1)
+            raise DataError(f"{self.root / self.label_source}: label vectors have {size} entries but the dataset has "
+                            f"{self.n_classes} classes ({self._classes_origin()}); {self._class_count_fix()}")
+
+    def _class_count_fix(self) -> str:
+        if self.name in ("voc12", "coco14"):
+            return "a dataset with other classes is dataset.name: custom with a classes.txt (README: Bring your own data)"
+        return "make the class list and the labels agree"
 
     def _classes_origin(self) -> str:
         return {"voc12": "VOC 2012", "coco14": "COCO 2014", "custom": str(self.root / "classes.txt")}.get(
@@ -286,9 +317,8 @@ class WSSSDataset:
     def identity_files(self) -> list[Path]:
         """The files that say which images, classes and labels this split is (for a training's resume guard):
         the split list, dataset.json / classes.txt and the label file; those missing are skipped by the guard."""
-        lst = (self.root / f"{self.split}.txt" if self.name == "coco14"
-               else self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt")
-        return [lst] + [self.root / f for f in ("dataset.json", "classes.txt", "cls_labels.npy", "cls_labels_coco.npy")]
+        return [p for p in [self.list_path] if p is not None] + [
+            self.root / f for f in ("dataset.json", "classes.txt", "cls_labels.npy", "cls_labels_coco.npy")]
 
     def __len__(self) -> int:
         return len(self.ids)
