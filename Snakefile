@@ -25,6 +25,11 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+check_global_batches()
+
+
 include: "workflow/rules/dataset.smk"
 include: "workflow/rules/cam.smk"
 include: "workflow/rules/saliency.smk"

@@ -91,9 +91,14 @@ def parse(cfg_cls: type[T], argv: list[str] | None = None) -> T:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines on stderr; under ``torchrun`` each line names its rank (``[rank 1/2]``)."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    rank = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world not in ("", "1") else ""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
@@ -107,6 +112,8 @@ def main(run: Callable[[T], Any], cfg_cls: type[T], argv: list[str] | None = Non
     """
     from pnoc.io import DataError
 
+    from pnoc.distributed import shutdown
+
     setup_logging()
     cfg = parse(cfg_cls, argv)
     try:
@@ -114,6 +121,8 @@ def main(run: Callable[[T], Any], cfg_cls: type[T], argv: list[str] | None = Non
     except DataError as e:
         logging.getLogger("pnoc").error("%s", e)
         sys.exit(2)
+    finally:
+        shutdown()  # leaves the process group of a torchrun launch (no-op otherwise)
 
 
 def as_path(p: str | Path | None) -> Path | None:

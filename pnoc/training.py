@@ -70,6 +70,32 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
         scheduler.step()
 
 
+@contextlib.contextmanager
+def memory_guard(device: torch.device, images: list[str], size: tuple[int, int], fix: str) -> Iterator[None]:
+    """Turn running out of device memory on a batch into a :class:`DataError` that names the images and the fix.
+
+    Inference stages batch images of one size; a COCO/VOC image far above the usual 500 px, or a batch of
+    them, may not fit at the largest TTA scale. Instead of a CUDA traceback the stage stops with the image
+    ids, their size, the memory the device had and the config keys that lower the need.
+
+    Args:
+        device: where the batch ran.
+        images: ids of the batch.
+        size: (H, W) of its images.
+        fix: what to change, naming config keys (e.g. ``lower inference.batch_size``).
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        total = ""
+        if device.type == "cuda":
+            total = f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        more = f" and {len(images) - 1} more image(s) of its batch" if len(images) > 1 else ""
+        raise DataError(f"{images[0]}{more}, {size[0]}x{size[1]} px: out of {device} memory{total} ({first}); "
+                        f"{fix}") from None
+
+
 def set_threads(n: int) -> None:
     """Use ``n`` intra-op threads (Snakemake's ``threads:``)."""
     if n and n > 0:
@@ -175,12 +201,30 @@ class Solver:
 
 @dataclass(kw_only=True)
 class Runtime:
-    """Where and how a stage runs; none of it changes the result (except ``seed``)."""
+    """Where and how a stage runs; none of it changes the result (except ``seed``, and ``sync_bn`` with
+    more than one process)."""
 
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
     threads: int = 0
+    sync_bn: bool = True           # SyncBatchNorm when several processes train on CUDA (resources.sync_bn)
+
+
+def start_training(cfg: Runtime):
+    """Threads, device and process group of a training stage: a :class:`pnoc.distributed.Distributed`.
+
+    Under ``torchrun`` the job's ``threads`` are shared by its processes, so each gets
+    ``threads // processes`` (at least 1).
+    """
+    from pnoc.distributed import launched_world, setup
+
+    if cfg.threads and cfg.threads > 0:
+        set_threads(max(1, cfg.threads // launched_world()))
+    dist = setup(cfg.device)
+    if hasattr(cfg, "batch_size"):
+        dist.per_rank(cfg.batch_size)  # a global batch that does not split fails before anything starts
+    return dist
 
 
 RUNTIME_ONLY = ("out", "metrics", "state_dir", "num_workers", "threads")
@@ -371,10 +415,18 @@ class Checkpointer:
         # plain already here: the guard compares it with the stored (plain) config
         self.config = plain(dict(config or {}), "config")
 
-    def save(self, epoch: int, extra: dict | None = None, **objects) -> None:
+    def save(self, epoch: int, extra: dict | None = None, rng_ranks: list | None = None, **objects) -> None:
+        """Write the state atomically.
+
+        Args:
+            rng_ranks: the RNG states of every rank of a multi-process run (rank order); stored as
+                ``_rng_ranks``, and rank 0's as ``_rng``. None: this process's state only.
+        """
         state = {k: v.state_dict() for k, v in objects.items()}
         state["_epoch"] = epoch
-        state["_rng"] = rng_state()
+        state["_rng"] = rng_ranks[0] if rng_ranks else rng_state()
+        if rng_ranks and len(rng_ranks) > 1:
+            state["_rng_ranks"] = list(rng_ranks)
         state["_config"] = self.config
         state["_extra"] = extra or {}
         state = plain(state, f"{self.path} state")
@@ -385,8 +437,8 @@ class Checkpointer:
         """The stored state, read safely (see :func:`safe_load`)."""
         return safe_load(self.path, "resume state", f"delete {self.dir} to train from scratch", mmap=mmap)
 
-    def restore(self, **objects) -> tuple[int, dict]:
-        """Returns ``(next_epoch, extra)``."""
+    def restore(self, rank: int = 0, world: int = 1, **objects) -> tuple[int, dict]:
+        """Load the state into ``objects``; this rank's RNG state. Returns ``(next_epoch, extra)``."""
         if not self.path.is_file():
             return 0, {}
         state = self.load()
@@ -399,7 +451,12 @@ class Checkpointer:
             )
         for k, obj in objects.items():
             obj.load_state_dict(state[k])
-        set_rng_state(state["_rng"])
+        ranks = state.get("_rng_ranks") or [state["_rng"]]
+        if len(ranks) != world:
+            log.warning("%s was written by %d process(es), this run has %d: the schedule and data order are the "
+                        "same, but BN statistics and per-rank noise follow a different split from here on",
+                        self.path, len(ranks), world)
+        set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
         log.info("resumed from %s after epoch %d", self.path, state["_epoch"] + 1)
         return state["_epoch"] + 1, state.get("_extra", {})
 
@@ -509,7 +566,10 @@ class EpochRunner:
     """
 
     def __init__(self, state_dir: str | Path, config: dict, epochs: int, seed: int,
-                 inputs: Iterable[str | Path | None] = (), **objects):
+                 inputs: Iterable[str | Path | None] = (), dist=None, **objects):
+        from pnoc.distributed import current
+
+        self.dist = dist or current()
         config = dict(config)
         if inputs:
             # Snakemake reruns a training whose input artifacts changed under the same parameters
@@ -521,6 +581,7 @@ class EpochRunner:
         self.objects = objects
         self.history: list[dict] = []
         self.start_epoch = 0
+        self.epoch = 0
 
     def _drop_finished_state_of_other_config(self) -> None:
         """A *finished* training's state written under another configuration is discarded.
@@ -546,22 +607,67 @@ class EpochRunner:
             self.ckpt.clear()
 
     def __iter__(self):
-        self._drop_finished_state_of_other_config()
-        start, extra = self.ckpt.restore(**self.objects)
+        d = self.dist
+        if d.is_main:
+            self._drop_finished_state_of_other_config()
+        d.barrier()
+        start, extra = self.ckpt.restore(rank=d.rank, world=d.world, **self.objects)
         self.history = list(extra.get("history", []))
         self.start_epoch = start
         with stop_requested() as flag:
             for epoch in range(start, self.epochs):
-                seed_everything(epoch_seed(self.seed, epoch))
+                self.epoch = epoch
+                d.reseed(epoch_seed(self.seed, epoch))
                 yield epoch
-                self.ckpt.save(epoch, extra={"history": self.history, "finished": epoch + 1 == self.epochs},
-                               **self.objects)
-                if flag["stop"] and epoch + 1 < self.epochs:
+                rngs = d.gather(rng_state()) if d.enabled else None
+                if d.is_main:  # one writer; the others wait so that nobody reads a half-written state
+                    self.ckpt.save(epoch, extra={"history": self.history, "finished": epoch + 1 == self.epochs},
+                                   rng_ranks=rngs, **self.objects)
+                d.barrier()
+                if d.any(flag["stop"]) and epoch + 1 < self.epochs:
                     log.warning("stopping after epoch %d on request; rerun to resume", epoch + 1)
                     raise SystemExit(75)
 
+    # -- what every stage needs from the data-parallel machinery (pnoc.distributed), in one place
+    def wrap(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
+        """The module to train: ``model`` itself in one process, DistributedDataParallel under torchrun.
+
+        Keep ``model`` (not the wrapper) for evaluation and for the state dicts of artifacts.
+        """
+        return self.dist.wrap(model, sync_bn)
+
+    def loader(self, dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, drop_last: bool = True):
+        """The current epoch's loader: this rank's slice of every global batch of ``batch_size``."""
+        return self.dist.loader(dataset, batch_size, self.seed, self.epoch, num_workers, shuffle, drop_last)
+
+    def shared_rand(self, local_batch: int, *shape: int) -> torch.Tensor:
+        """Uniform draws for this rank's images that do not depend on the process count."""
+        return self.dist.shared_rand(local_batch, *shape)
+
+    def gather_batch(self, t: torch.Tensor) -> torch.Tensor:
+        """The global batch of a per-rank tensor, for losses that couple a batch's images (with gradients)."""
+        return self.dist.gather_batch(t)
+
     def log(self, epoch: int, metrics: dict) -> None:
+        """Append an epoch's metrics to the history: means over ranks (throughputs ``*images_per_s`` summed)."""
+        metrics = self.dist.all_mean(metrics, sum_keys=[k for k in metrics if k.endswith("images_per_s")])
         row = {"epoch": epoch + 1, **metrics}
         self.history.append(row)
         log.info("epoch %d: %s", epoch + 1, ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
+
+    def save_weights(self, path: str | Path, state: dict) -> None:
+        """:func:`save_weights` by rank 0 only (every rank holds the same weights)."""
+        if self.dist.is_main:
+            save_weights(path, state)
+        self.dist.barrier()
+
+    def write_metrics(self, path: str | Path, metrics: dict) -> None:
+        """The stage's metrics JSON (+ the per-epoch CSV beside it), by rank 0 only."""
+        from pnoc.io import write_csv, write_json
+
+        metrics = {**metrics, "processes": self.dist.world}
+        if self.dist.is_main:
+            write_csv(Path(path).with_suffix(".csv"), self.history)
+            write_json(path, metrics)
+        self.dist.barrier()

@@ -80,7 +80,7 @@ def hand_cams(tmp_path: Path) -> Path:
 def test_affinity_labels_classic_exact(tmp_path, mini):
     cams = hand_cams(tmp_path)
     out = tmp_path / "labels"
-    s = make_affinity_labels.run(make_affinity_labels.Config(
+    make_affinity_labels.run(make_affinity_labels.Config(
         "synthetic", mini, "train", cams, out, method="classic", crf=False))
     e0 = np.zeros((H, W), np.uint8)
     e0[:10] = 1

@@ -284,6 +284,49 @@ def test_scancel_of_training_job_resumes_exactly(slurm_cluster, smoke_run, tmp_p
     assert_same_weights(res_s / "classifier/seed0/model.pt", res_l / "classifier/seed0/model.pt")
 
 
+# ------------------------------------- (b2) a 2-GPU training job and a sharded inference step on SLURM
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_gpu_training_is_one_task_and_shards_are_separate_jobs(slurm_cluster, smoke_run, tmp_path):
+    """resources.gpus_per_job: 2 -> each training rule is ONE sbatch job asking for 2 GPUs with no task
+    geometry (one task runs torchrun, which starts both ranks: both ranks' log lines are there);
+    resources.shards: 3 -> CAM inference is 3 sbatch jobs, gathered locally into the usual folder."""
+    data = smoke_dataset(smoke_run)
+    res = tmp_path / "results"
+    cfg = derived_config(tmp_path, "g2.yaml", res, data, resources={"gpu": 1, "gpus_per_job": 2, "shards": 3})
+    target = res / "cams/classifier/seed0/train"
+    run = slurm_util.run_snakemake_slurm(
+        workdir(tmp_path), [str(target), "--snakefile", SNAKEFILE, "--configfile", str(cfg)], timeout=900,
+        log=tmp_path / "g2.log", env=venv_env())
+    assert not run.timed_out, run.tail()
+    assert run.returncode == 0, run.tail(80)
+    jobs = [sbatch_rule(ln) for ln in run.sbatch_lines]
+    train = [ln.split(" --wrap=")[0] for ln in run.sbatch_lines if sbatch_rule(ln) == "train_classifier"]
+    shards = [ln.split(" --wrap=")[0] for ln in run.sbatch_lines if sbatch_rule(ln) == "infer_cams"]
+    out = tmp_path / "sbatch_lines.txt"
+    out.write_text("".join(f"sbatch call: {ln}\n" for ln in train + shards))
+    print(f"[slurm] 2-GPU training + 3 shards: rc={run.returncode} in {run.elapsed:.0f} s, jobs {jobs}")
+    for ln in train + shards:
+        print("  sbatch call:", ln)
+    assert len(train) == 1
+    assert "--gpus=2" in train[0] and "--ntasks-per-gpu" not in train[0], train[0]
+    assert not re.search(r"--ntasks[= ](?!1\b)", train[0]), train[0]
+    assert len(shards) == 3 and all("--gpus=1" in ln for ln in shards), shards
+    assert "gather_cams" not in jobs  # a local rule: no SLURM job for moving files
+
+    log = (res / "logs/train_classifier/seed0.log").read_text()
+    ranks = sorted(set(re.findall(r"\[rank (\d)/2\]", log)))
+    step = re.findall(r"rank \d/2 on \S+ \(gloo backend; SLURM job \d+, step tasks (\S+)\)", log)
+    print(f"[slurm] train_classifier log: rank prefixes {ranks}, step task counts seen by the ranks {step}")
+    assert ranks == ["0", "1"]
+    assert step == ["1", "1"], step  # one task (torchrun) in the step, two ranks inside it
+    metrics = json.loads((res / "classifier/seed0/metrics.json").read_text())
+    assert metrics["processes"] == 2
+    from pnoc.data import open_dataset
+
+    assert len(list(target.glob("*.npz"))) == len(open_dataset("synthetic", data, "train"))
+
+
 # ------------------------------------------------------- (c) kill -9 of the snakemake controller
 @pytest.mark.slow
 def test_controller_kill9_then_rerun_incomplete_finishes_rest(smoke_run, tmp_path):
@@ -503,6 +546,43 @@ def test_paper_config_dry_run(name, tmp_path):
     assert used and used <= _dataset_splits(name, root), (used, _dataset_splits(name, root))
     assert {cfg["dataset"][k] for k in ("train_split", "eval_split", "val_split")} <= used
     assert str(root) in p.stdout and str(tmp_path / "results") in p.stdout
+
+
+@pytest.mark.parametrize("name", ["voc12", "coco14"])
+def test_paper_config_on_four_gpus_dry_run(name, tmp_path):
+    """config/gpus4.yaml on top of a paper config: every training job runs torchrun with 4 processes (PoolNet
+    2) in one job asking for 4 (2) GPUs, inference stays `python`, and the per-image stages are 8 shard jobs."""
+    from fixtures import make_coco, make_voc
+
+    if name == "voc12":
+        root = make_voc(tmp_path / "VOCdevkit" / "VOC2012", splits={"train_aug": 9, "train": 9, "val": 9})
+    else:
+        root = make_coco(tmp_path / "coco14", n=9)
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "dataset": {"root": str(root)}}))
+    p = snakemake(["-n", "-p", "--configfile", str(ROOT / "config" / f"{name}.yaml"), str(ROOT / "config/gpus4.yaml"),
+                   str(override)])
+    stats = job_stats(p.stdout)
+    by_module = {m: l for l, m in re.findall(r"(torchrun --standalone --nproc_per_node \d|python) -m (pnoc\.\w+\.\w+)",
+                                             p.stdout)}
+    for module in ("pnoc.cam.train_classifier", "pnoc.cam.train_cam", "pnoc.saliency.train_ccam",
+                   "pnoc.affinity.train_affinity", "pnoc.segmentation.train_segmentation"):
+        assert by_module[module] == "torchrun --standalone --nproc_per_node 4", (module, by_module.get(module))
+    assert by_module["pnoc.saliency.train_poolnet"] == "torchrun --standalone --nproc_per_node 2"
+    assert by_module["pnoc.cam.infer_cams"] == "python"
+    assert stats["infer_cams"] == 8 * stats["gather_cams"], stats
+    gpus = dict(re.findall(r"rule (train_\w+):.*?resources: [^\n]*?gpu=(\d+)", p.stdout, re.S))
+    assert gpus.get("train_classifier") == "4" and gpus.get("train_poolnet") == "2", gpus
+
+
+def test_global_batch_that_does_not_split_fails_the_dry_run(tmp_path):
+    over = tmp_path / "g3.yaml"
+    over.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "resources": {"gpus_per_job": 4},
+                                    "classifier": {"batch_size": 18}}))
+    p = snakemake(["-n", "--configfile", str(over)], check=False)
+    assert p.returncode != 0
+    assert ("classifier.batch_size=18 is not divisible by resources.gpus_per_job=4 (for train_classifier)"
+            in p.stdout), p.stdout[-2000:]
 
 
 # ---------------------------------------- a config change reruns a finished training from scratch

@@ -17,7 +17,7 @@ PKG = ROOT / "pnoc"
 # Wings in DAG order: a wing may import the wings before it, never one after it.
 WINGS = ["cam", "saliency", "affinity", "segmentation", "report"]
 # Shared machinery below the wings: it imports no wing at all.
-SHARED = ["cli", "crf", "evaluation", "io", "parallel", "training", "data", "models"]
+SHARED = ["cli", "crf", "distributed", "evaluation", "io", "parallel", "training", "data", "models", "shards"]
 TRAINING_STAGES = ["pnoc.cam.pretrain_backbone", "pnoc.cam.train_classifier", "pnoc.cam.train_cam", "pnoc.saliency.train_ccam",
                    "pnoc.saliency.train_poolnet", "pnoc.affinity.train_affinity",
                    "pnoc.segmentation.train_segmentation"]
@@ -96,7 +96,8 @@ def _rule_modules() -> dict[str, str]:
     out = {}
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
         for rule, body in re.findall(r"^ *rule (\w+):\n(.*?)(?=^ *rule |\Z)", smk.read_text(), re.M | re.S):
-            m = re.search(r"python -m (pnoc[\w.]*)", body)
+            # training rules start with {params.launch}: python, or torchrun with resources.gpus_per_job > 1
+            m = re.search(r"(?:python|\{params\.launch\}) -m (pnoc[\w.]*)", body)
             if m:
                 out[rule] = m.group(1)
     return out
@@ -104,7 +105,8 @@ def _rule_modules() -> dict[str, str]:
 
 def test_every_rule_runs_a_stage_module_of_its_own_wing():
     """``rule X`` in ``workflow/rules/<file>.smk`` runs ``python -m pnoc.<wing>.X`` (summary: report wing;
-    make_dataset: the data machinery), and that module exists."""
+    make_dataset: the data machinery; the gather_* rules of sharded inference: the shared pnoc.shards), and
+    that module exists."""
     wing_of_file = {"cam": "cam", "saliency": "saliency", "affinity": "affinity", "segmentation": "segmentation",
                     "report": "report", "summary": "report", "dataset": "data"}
     mods = _rule_modules()
@@ -112,6 +114,10 @@ def test_every_rule_runs_a_stage_module_of_its_own_wing():
     for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
         for rule in re.findall(r"^ *rule (\w+):", smk.read_text(), re.M):
             if rule not in mods:
+                assert rule in ("all",), f"{smk.name}: rule {rule} runs no pnoc module"
+                continue
+            if rule.startswith("gather_"):
+                assert mods[rule] == "pnoc.shards", (smk.name, rule, mods[rule])
                 continue
             assert mods[rule] == f"pnoc.{wing_of_file[smk.stem]}.{rule}", (smk.name, rule, mods[rule])
             assert importlib.util.find_spec(mods[rule]) is not None, mods[rule]
@@ -148,7 +154,8 @@ def test_schema_describes_the_solver_once_and_every_training_section_embeds_it()
 
 
 # Placeholders of a shell command that are flag strings built (and quoted) by common.smk's helpers
-PREFORMATTED_PARAMS = {"args", "arch", "classifier", "columns", "data", "hints", "init", "pages", "saliency", "source"}
+PREFORMATTED_PARAMS = {"args", "arch", "classifier", "columns", "data", "hints", "init", "launch", "pages", "saliency",
+                      "source"}
 
 
 def _shell_lines(text: str) -> list[str]:

@@ -5,7 +5,7 @@ are skipped with the reason printed; ``PNOC_SLURM_REQUIRED=1`` turns the skip in
 Settings come from the test profile ``tests/slurm/profile/config.yaml``; helpers live in
 ``tests/slurm/util.py`` so other modules (the pipeline smoke DAG) can reuse them.
 
-The node advertises ONE FAKE GPU (GRES gpu:fake:1 backed by a /dev/null device node): these tests
+The node advertises TWO FAKE GPUS (GRES gpu:fake:2 backed by /dev/null device nodes): these tests
 check that SLURM *schedules* GPU jobs (``--gpus=1`` accepted, ``CUDA_VISIBLE_DEVICES`` set,
 ``TresPerJob=gres:gpu:1``) -- not CUDA; ``torch.cuda.is_available()`` stays False inside the job.
 

@@ -80,3 +80,21 @@ def test_checkpointer_roundtrip_and_config_guard(tmp_path):
 def test_device_auto_is_cpu_here_or_cuda():
     d = resolve_device("auto")
     assert d.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_memory_guard_names_the_images_and_the_fix():
+    from pnoc.io import DataError
+    from pnoc.training import memory_guard
+
+    with pytest.raises(DataError) as e:
+        with memory_guard(torch.device("cpu"), ["2008_000123", "2008_000124"], (1200, 1600),
+                          "lower inference.batch_size"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    msg = str(e.value)
+    assert msg.startswith("2008_000123 and 1 more image(s) of its batch, 1200x1600 px: out of cpu memory")
+    assert "Tried to allocate 2.00 GiB" in msg and msg.endswith("lower inference.batch_size")
+    with memory_guard(torch.device("cpu"), ["a"], (1, 1), "x"):
+        pass  # nothing raised, nothing changed
+    with pytest.raises(ValueError):  # other errors pass through untouched
+        with memory_guard(torch.device("cpu"), ["a"], (1, 1), "x"):
+            raise ValueError("not memory")

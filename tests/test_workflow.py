@@ -1,7 +1,6 @@
 """Workflow-level tests: lint, dry runs, config validation, the smoke DAG end to end, resume after kill."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, smoke_config, snakemake, venv_env
+from conftest import ROOT, snakemake, venv_env
 
 
 def test_lint_is_clean():
@@ -88,11 +87,17 @@ def test_invalid_config_key_is_rejected(tmp_path):
     assert "epochz" in p.stdout
 
 
-def test_out_of_range_config_value_is_rejected(tmp_path):
+@pytest.mark.parametrize("text, key", [
+    ("classifier:\n  label_smoothing: 2.0\n", "label_smoothing"),
+    ("resources:\n  shards: 0\n", "shards"),  # sharded inference needs at least one job
+    ("resources:\n  gpus_per_job: 0\n", "gpus_per_job"),
+    ("resources:\n  gpus_per_rule: {train_cams: 2}\n", "train_cams"),  # not a training rule
+])
+def test_out_of_range_config_value_is_rejected(tmp_path, text, key):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("classifier:\n  label_smoothing: 2.0\n")
+    bad.write_text(text)
     p = snakemake(["-n", "--configfile", str(bad)], check=False)
-    assert p.returncode != 0 and "label_smoothing" in p.stdout
+    assert p.returncode != 0 and key in p.stdout
 
 
 @pytest.mark.slow

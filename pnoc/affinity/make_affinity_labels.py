@@ -13,9 +13,11 @@ One uint8 PNG per training image: 0 = confident background, 1..C = confident cla
   the two thresholds is uncertain.
 
 Besides the PNGs the folder holds ``summary.json``: the fractions of background, foreground
-and uncertain pixels and, on data with ground truth, the precision of the confident labels.
-The folder is written atomically. A missing CAM or saliency map raises :class:`DataError`
-naming the image (the reference skips such images silently).
+and uncertain pixels and, on data with ground truth, the precision of the confident labels,
+with the pixel ``counts`` they are ``ratios`` of (so that the summaries of shards merge exactly,
+:func:`pnoc.shards.merge_info`). The folder is written atomically. With ``shard: kofK`` only the
+k-th of K slices of the split is labelled (:mod:`pnoc.shards`). A missing CAM or saliency map
+raises :class:`DataError` naming the image (the reference skips such images silently).
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ from pnoc.data import open_dataset
 from pnoc.io import DataError, atomic_dir, load_maps, write_json, write_mask
 from pnoc.parallel import map_images
 from pnoc.saliency.maps import read_saliency
+from pnoc.shards import ratios, shard_ids
 
 log = logging.getLogger("pnoc.affinity.make_affinity_labels")
 
 METHODS = ("classic", "saliency")
 DEFAULT_THRESHOLDS = {"classic": (0.30, 0.05), "saliency": (0.40, 0.10)}
+# summary ratio -> (numerator, denominator) in the summary's pixel counts (label_counts, summed)
+RATIOS = {"fraction_bg": ("bg", "pixels"), "fraction_fg": ("fg", "pixels"),
+          "fraction_uncertain": ("uncertain", "pixels"),
+          # precision of the confident labels against the ground truth (void pixels not scored)
+          "precision_bg": ("correct_bg", "scored_bg"), "precision_fg": ("correct_fg", "scored_fg"),
+          "precision_confident": ("correct", "scored")}
 
 
 @dataclass
@@ -57,6 +66,7 @@ class Config:
     crf_t: int = 10
     crf_gt_prob: float = 0.7
     threads: int = 1
+    shard: str = "1of1"
 
 
 def read_cams(cams_dir: str | Path, image_id: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -128,30 +138,29 @@ def _work(image_id: str) -> np.ndarray:
 def run(cfg: Config) -> dict:
     fg_thr, bg_thr = thresholds_of(cfg)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    ds.validate(need_labels=True)
+    ids = shard_ids(ds.ids, cfg.shard)
+    ds.validate(need_labels=True, ids=ids)
     totals = np.zeros(7, np.int64)
     with atomic_dir(cfg.out_dir) as tmp:
-        for c in map_images(ds.ids, _work, _init_worker, (cfg, tmp), cfg.threads,
+        for c in map_images(ids, _work, _init_worker, (cfg, tmp), cfg.threads,
                             f"affinity labels {cfg.method} {cfg.split}"):
             totals += c
-        n_pix = max(1, int(totals[:3].sum()))
-        has_gt = totals[3] + totals[5] > 0
+        bg, fg, unsure, scored_bg, correct_bg, scored_fg, correct_fg = (int(t) for t in totals)
+        counts = {"bg": bg, "fg": fg, "uncertain": unsure, "pixels": bg + fg + unsure, "scored_bg": scored_bg,
+                  "correct_bg": correct_bg, "scored_fg": scored_fg, "correct_fg": correct_fg,
+                  "scored": scored_bg + scored_fg, "correct": correct_bg + correct_fg}
         summary = {
-            "stage": "affinity_labels", "method": cfg.method, "split": cfg.split, "images": len(ds),
+            "stage": "affinity_labels", "method": cfg.method, "split": cfg.split, "images": len(ids),
             "fg_threshold": fg_thr, "bg_threshold": bg_thr,
             "crf": {"t": cfg.crf_t, "gt_prob": cfg.crf_gt_prob} if cfg.crf else None,
             "cams": str(cfg.cams_dir), "saliency": str(cfg.saliency_dir) if cfg.method == "saliency" else None,
-            "fraction_bg": totals[0] / n_pix, "fraction_fg": totals[1] / n_pix, "fraction_uncertain": totals[2] / n_pix,
-            # precision of the confident labels against the ground truth (void pixels not scored)
-            "precision_bg": (totals[4] / totals[3]) if has_gt and totals[3] else None,
-            "precision_fg": (totals[6] / totals[5]) if has_gt and totals[5] else None,
-            "precision_confident": ((totals[4] + totals[6]) / (totals[3] + totals[5])) if has_gt else None,
-            "config": {k: str(v) for k, v in asdict(cfg).items() if k not in ("out_dir", "threads")},
+            **ratios(counts, RATIOS), "counts": counts, "ratios": RATIOS,
+            "config": {k: str(v) for k, v in asdict(cfg).items() if k not in ("out_dir", "threads", "shard")},
         }
         write_json(tmp / "summary.json", summary)
-    log.info("affinity labels (%s) of %d images: bg %.3f, fg %.3f, uncertain %.3f, confident precision %s",
-             cfg.method, len(ds), summary["fraction_bg"], summary["fraction_fg"], summary["fraction_uncertain"],
-             "n/a" if summary["precision_confident"] is None else f"{summary['precision_confident']:.4f}")
+    log.info("affinity labels (%s) of %d images: bg %s, fg %s, uncertain %s, confident precision %s", cfg.method,
+             len(ids), *("n/a" if summary[k] is None else f"{summary[k]:.4f}"
+                         for k in ("fraction_bg", "fraction_fg", "fraction_uncertain", "precision_confident")))
     return summary
 
 

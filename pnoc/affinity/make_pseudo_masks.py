@@ -9,7 +9,8 @@ the prior also fires on background context (the demo's Puzzle priors: CAM > 0.4 
 the walk keeps those seeds, and only the saliency can remove them. The masks are palette PNGs
 whose indices are the class ids (0 background, 1..C; no 255), readable both as index maps
 and as VOC-coloured images. An image without classes gets an all-background mask. The
-folder is written atomically; a missing RW map raises :class:`DataError` naming the image.
+folder is written atomically; a missing RW map raises :class:`DataError` naming the image. With
+``shard: kofK`` only the k-th of K slices of the split is processed (:mod:`pnoc.shards`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pnoc.data import open_dataset
 from pnoc.io import DataError, atomic_dir, load_maps, write_mask
 from pnoc.parallel import map_images
 from pnoc.saliency.maps import read_saliency
+from pnoc.shards import shard_ids
 
 log = logging.getLogger("pnoc.affinity.make_pseudo_masks")
 
@@ -46,6 +48,7 @@ class Config:
     saliency_dir: Path | None = None
     saliency_threshold: float | None = None
     threads: int = 1
+    shard: str = "1of1"
 
 
 def pseudo_mask(maps: np.ndarray, keys: np.ndarray, bg_threshold: float, img: np.ndarray | None = None,
@@ -122,16 +125,17 @@ def run(cfg: Config) -> dict:
     if cfg.saliency_threshold is not None and cfg.saliency_dir is None:
         raise DataError("--saliency-threshold needs --saliency-dir (the PoolNet saliency maps of the split)")
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ids = shard_ids(ds.ids, cfg.shard)
     hist = np.zeros(256, np.int64)
     with atomic_dir(cfg.out_dir) as tmp:
-        for c in map_images(ds.ids, _work, _init_worker, (cfg, tmp), cfg.threads, f"pseudo masks {cfg.split}"):
+        for c in map_images(ids, _work, _init_worker, (cfg, tmp), cfg.threads, f"pseudo masks {cfg.split}"):
             hist += c
-    info = {"stage": "make_pseudo_masks", "split": cfg.split, "images": len(ds), "bg_threshold": cfg.bg_threshold,
+    info = {"stage": "make_pseudo_masks", "split": cfg.split, "images": len(ids), "bg_threshold": cfg.bg_threshold,
             "crf": {"t": cfg.crf_t, "gt_prob": cfg.crf_gt_prob} if cfg.crf else None,
             "saliency_threshold": cfg.saliency_threshold,
             "saliency": str(cfg.saliency_dir) if cfg.saliency_threshold is not None else None,
             "fraction_bg": float(hist[0] / max(1, hist.sum()))}
-    log.info("%d pseudo masks (bg threshold %.2f, crf %s): background fraction %.3f", len(ds), cfg.bg_threshold,
+    log.info("%d pseudo masks (bg threshold %.2f, crf %s): background fraction %.3f", len(ids), cfg.bg_threshold,
              info["crf"], info["fraction_bg"])
     return info
 

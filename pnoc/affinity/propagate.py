@@ -12,7 +12,9 @@ For every image of a split:
 One ``<id>.npz`` per image (:func:`pnoc.io.save_maps`): ``maps`` (K, H, W) RW maps,
 ``keys`` the CAM file's keys, ``boundary`` (h, w) the stride-4 boundary map. Images of one
 size are walked together (one block-diagonal operator), which keeps a GPU busy. The folder
-is written atomically; a missing CAM file raises :class:`DataError` naming the image.
+is written atomically; a missing CAM file raises :class:`DataError` naming the image. With
+``shard: kofK`` only the k-th of K slices of the split is walked (:mod:`pnoc.shards`): an image's
+walk does not depend on the images walked with it (its block of the operator is its own).
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ from pnoc.data import open_dataset
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import DataError, atomic_dir, load_maps, save_maps, write_json
 from pnoc.models.affinitynet import affinitynet_from_artifact
-from pnoc.training import autocast, load_weights, resolve_device, set_threads
+from pnoc.shards import shard_ids
+from pnoc.training import autocast, load_weights, memory_guard, resolve_device, set_threads
+
+OOM_FIX = ("lower affinity.rw.batch_size (images of one size are walked together; the transition matrix grows with "
+           "the image area) or affinity.rw.radius")
 
 log = logging.getLogger("pnoc.affinity.propagate")
 
@@ -57,6 +63,7 @@ class Config:
     device: str = "auto"
     amp: bool = True
     threads: int = 0
+    shard: str = "1of1"
 
 
 def read_lr_cams(cams_dir: str | Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -101,18 +108,19 @@ def run(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     model = affinitynet_from_artifact(load_weights(cfg.model)).to(device).eval()
+    ids = shard_ids(ds.ids, cfg.shard)
     by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for image_id in ds.ids:
+    for image_id in ids:
         by_size[ds.image_size(image_id)].append(image_id)
     t0 = time.perf_counter()
     t_walk = 0.0
-    with atomic_dir(cfg.out_dir) as tmp, tqdm(total=len(ds), desc=f"random walk {cfg.split}", mininterval=10) as bar:
-        for (h, w), ids in by_size.items():
-            for i in range(0, len(ids), cfg.batch_size):
-                chunk = ids[i:i + cfg.batch_size]
+    with atomic_dir(cfg.out_dir) as tmp, tqdm(total=len(ids), desc=f"random walk {cfg.split}", mininterval=10) as bar:
+        for (h, w), group in by_size.items():
+            for i in range(0, len(group), cfg.batch_size):
+                chunk = group[i:i + cfg.batch_size]
                 cams, keys = zip(*(read_lr_cams(cfg.cams_dir, j) for j in chunk))
                 x = torch.stack([normalize(to_tensor_image(ds.read_image(j))) for j in chunk]).to(device)
-                with autocast(device, cfg.amp):
+                with memory_guard(device, chunk, (h, w), OOM_FIX), autocast(device, cfg.amp):
                     bnd = model.boundary(x, flip=cfg.flip)
                 bnd = bnd.float()[:, 0]
                 lh, lw = cams[0].shape[1:]
@@ -121,18 +129,19 @@ def run(cfg: Config) -> dict:
                                     f"is {tuple(bnd.shape[-2:])}; CAMs and AffinityNet disagree on the grid")
                 bnd = bnd[:, :lh, :lw]
                 t1 = time.perf_counter()
-                rws = propagate_batch([torch.from_numpy(c).to(device) for c in cams], list(bnd), [(h, w)] * len(chunk),
-                                      cfg.radius, cfg.beta, cfg.exp_times)
+                with memory_guard(device, chunk, (h, w), OOM_FIX):
+                    rws = propagate_batch([torch.from_numpy(c).to(device) for c in cams], list(bnd),
+                                          [(h, w)] * len(chunk), cfg.radius, cfg.beta, cfg.exp_times)
                 t_walk += time.perf_counter() - t1
                 for image_id, rw, k, b in zip(chunk, rws, keys, bnd):
                     save_maps(tmp / f"{image_id}.npz", rw.cpu().numpy(), k, boundary=b.cpu().numpy())
                 bar.update(len(chunk))
         dt = time.perf_counter() - t0
-        info = {"stage": "propagate", "split": cfg.split, "images": len(ds), "radius": cfg.radius, "beta": cfg.beta,
+        info = {"stage": "propagate", "split": cfg.split, "images": len(ids), "radius": cfg.radius, "beta": cfg.beta,
                 "exp_times": cfg.exp_times, "flip": cfg.flip, "seconds": dt, "walk_seconds": t_walk,
-                "images_per_s": len(ds) / max(dt, 1e-9), "device": str(device)}
+                "images_per_s": len(ids) / max(dt, 1e-9), "device": str(device)}
         write_json(tmp / "_info.json", info)
-    log.info("random walk on %d images in %.1fs (walk %.1fs) on %s", len(ds), dt, t_walk, device)
+    log.info("random walk on %d images in %.1fs (walk %.1fs) on %s", len(ids), dt, t_walk, device)
     return info
 
 

@@ -28,13 +28,13 @@ from tqdm import tqdm
 from pnoc import cli
 from pnoc.affinity.labels import affinity_from_boundary, affinity_loss, pair_labels, path_index
 from pnoc.data import open_dataset
-from pnoc.data.loaders import PairedSet, epoch_loader, mask_loader
-from pnoc.io import DataError, write_csv, write_json
+from pnoc.data.loaders import PairedSet, mask_loader
+from pnoc.io import DataError
 from pnoc.models.affinitynet import AffinityNet
 from pnoc.models.backbones import create_backbone
 from pnoc.models.classifier import classifier_backbone_state, load_backbone_state
-from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, poly_scheduler, resolve_device,
-                           resume_key, save_weights, set_threads)
+from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, poly_scheduler,
+                           resume_key, start_training)
 
 log = logging.getLogger("pnoc.affinity.train_affinity")
 
@@ -89,8 +89,8 @@ def labels_to_grid(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def run(cfg: Config) -> dict:
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = start_training(cfg)
+    device = dist.device
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     labels_dir = Path(cfg.labels)
     if not labels_dir.is_dir():
@@ -117,15 +117,15 @@ def run(cfg: Config) -> dict:
     head = torch.nn.ModuleDict({"branches": model.branches, "fuse": model.fuse})
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
                          inputs=(cfg.labels, cfg.source_model, *ds.identity_files()),
-                         head=head, opt=opt, sched=sched, scaler=scaler)
+                         dist=dist, head=head, opt=opt, sched=sched, scaler=scaler)
+    net = runner.wrap(model, cfg.sync_bn)
     log.info("AffinityNet (%s, OS%d, init %s) on %s/%s with labels %s: %d images, %d steps/epoch, %d epochs, "
              "radius %g (%d directions), device %s", arch["backbone"], cfg.output_stride, cfg.init, cfg.dataset,
              cfg.split, labels_dir, len(train_set), steps_per_epoch, cfg.epochs, cfg.radius, pi.n_directions, device)
     t_train, n_seen = 0.0, 0
     for epoch in runner:
         model.train()
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
+        loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
         sums = {"loss": 0.0, "bg_pos": 0.0, "fg_pos": 0.0, "neg": 0.0}
         pairs = {"bg_pos": 0, "fg_pos": 0, "neg": 0}
         n_steps, n = 0, 0
@@ -133,7 +133,7 @@ def run(cfg: Config) -> dict:
         for x, lab, _y, _ in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
             x = x.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                logits = model(x)
+                logits = net(x)
             boundary = torch.sigmoid(logits.float())
             grid = labels_to_grid(lab.to(device), tuple(boundary.shape[-2:]))
             bg_pos, fg_pos, neg = pair_labels(grid, pi, ds.n_classes)
@@ -154,14 +154,13 @@ def run(cfg: Config) -> dict:
         row.update({f"pairs_{k}_per_image": v / max(1, n) for k, v in pairs.items()})
         row.update({"lr": opt.param_groups[0]["lr"], "images_per_s": n / max(dt, 1e-9)})
         runner.log(epoch, row)
-    save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "classes": ds.classes,
-                           "init": cfg.init, "source_model": str(cfg.source_model) if cfg.source_model else None})
+    runner.save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "classes": ds.classes,
+                                  "init": cfg.init, "source_model": str(cfg.source_model) if cfg.source_model else None})
     hist = runner.history
     metrics = {"stage": "train_affinity", "labels": str(labels_dir), "init": cfg.init, "arch": arch,
                "epochs": hist, "final": hist[-1] if hist else {}, "resumed_from_epoch": runner.start_epoch,
                "train_images_per_s": (n_seen / t_train) if t_train else None}
-    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
-    write_json(cfg.metrics, metrics)
+    runner.write_metrics(cfg.metrics, metrics)
     return metrics
 
 

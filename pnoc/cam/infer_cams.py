@@ -4,7 +4,8 @@ For every image of a split: CAMs over ``scales`` × horizontal flip (ReLU, flip-
 summed over scales), positive classes only (ground-truth image labels — also on val,
 as in the paper's protocol), each channel divided by its own max. One compressed
 float16 ``<id>.npz`` per image with ``maps`` (K, H, W), ``lr`` (K, ⌈H/4⌉, ⌈W/4⌉) and
-``keys`` (K,) = 1-based class ids. The folder is written atomically.
+``keys`` (K,) = 1-based class ids. The folder is written atomically. With ``shard: kofK`` only
+the k-th of K slices of the split is processed (:mod:`pnoc.shards`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from pnoc.data import open_dataset
 from pnoc.data.transforms import to_tensor_image
 from pnoc.io import atomic_dir, save_maps, write_json
 from pnoc.models.classifier import classifier_from_artifact
-from pnoc.training import load_weights, resolve_device, set_threads
+from pnoc.shards import shard_ids
+from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.cam.infer_cams")
+# images of one size run as one batch through every scale of the TTA (the largest dominates the memory)
+OOM_FIX = "lower inference.batch_size (images of one size run together) or the largest of inference.scales"
 
 
 @dataclass
@@ -44,27 +48,30 @@ class Config:
     batch_size: int = 8
     device: str = "auto"
     threads: int = 0
+    shard: str = "1of1"
 
 
 def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    ds.validate(need_labels=True)
+    ids = shard_ids(ds.ids, cfg.shard)
+    ds.validate(need_labels=True, ids=ids)
     model = classifier_from_artifact(load_weights(cfg.model)).to(device).eval()
     forward = lambda x: model(x.to(device))[1]  # noqa: E731
     # images of one size are batched together (synthetic sets are all one size)
     by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for image_id in ds.ids:
+    for image_id in ids:
         by_size[ds.image_size(image_id)].append(image_id)
     t0 = time.perf_counter()
     n_bytes = 0
-    with atomic_dir(cfg.out_dir) as tmp, tqdm(total=len(ds), desc=f"CAMs {cfg.split}", mininterval=10) as bar:
-        for _, ids in by_size.items():
-            for i in range(0, len(ids), cfg.batch_size):
-                chunk = ids[i:i + cfg.batch_size]
+    with atomic_dir(cfg.out_dir) as tmp, tqdm(total=len(ids), desc=f"CAMs {cfg.split}", mininterval=10) as bar:
+        for size, group in by_size.items():
+            for i in range(0, len(group), cfg.batch_size):
+                chunk = group[i:i + cfg.batch_size]
                 imgs = torch.stack([to_tensor_image(ds.read_image(j)) for j in chunk])
-                hr, lr = tta_maps(forward, imgs.to(device), cfg.scales, cfg.flip, reduce="sum")
+                with memory_guard(device, chunk, size, OOM_FIX):
+                    hr, lr = tta_maps(forward, imgs.to(device), cfg.scales, cfg.flip, reduce="sum")
                 for b, image_id in enumerate(chunk):
                     y = ds.labels(image_id)
                     cls = np.flatnonzero(y)
@@ -75,11 +82,11 @@ def run(cfg: Config) -> dict:
                     n_bytes += (tmp / f"{image_id}.npz").stat().st_size
                 bar.update(len(chunk))
         dt = time.perf_counter() - t0
-        info = {"stage": "infer_cams", "split": cfg.split, "images": len(ds), "scales": cfg.scales,
-                "flip": cfg.flip, "seconds": dt, "images_per_s": len(ds) / max(dt, 1e-9),
-                "bytes_per_image": n_bytes / max(1, len(ds))}
+        info = {"stage": "infer_cams", "split": cfg.split, "images": len(ids), "scales": cfg.scales,
+                "flip": cfg.flip, "seconds": dt, "images_per_s": len(ids) / max(dt, 1e-9),
+                "bytes_per_image": n_bytes / max(1, len(ids))}
         write_json(tmp / "_info.json", info)
-    log.info("%d images in %.1fs (%.1f img/s), %.0f bytes/image", len(ds), dt, info["images_per_s"],
+    log.info("%d images in %.1fs (%.1f img/s), %.0f bytes/image", len(ids), dt, info["images_per_s"],
              info["bytes_per_image"])
     return info
 

@@ -27,11 +27,9 @@ from pnoc import cli
 from pnoc.cam.classification import train_multilabel_epoch
 from pnoc.cam.losses import f1_scores
 from pnoc.data.generic import CATEGORIES, GenericConfig, GenericSet
-from pnoc.data.loaders import epoch_loader
-from pnoc.io import write_csv, write_json
 from pnoc.models.classifier import create_classifier
-from pnoc.training import (EpochRunner, Runtime, Solver, make_scaler, param_groups, poly_scheduler, resolve_device,
-                           resume_key, save_weights, set_threads)
+from pnoc.training import (EpochRunner, Runtime, Solver, make_scaler, param_groups, poly_scheduler, resume_key,
+                           start_training)
 
 log = logging.getLogger("pnoc.cam.pretrain_backbone")
 
@@ -102,8 +100,8 @@ def backbone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run(cfg: Config) -> dict:
     t_start = time.perf_counter()
     _check(cfg)
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = start_training(cfg)
+    device = dist.device
     corpus = cfg.corpus()
     # without workers the main process renders: cache the images so only the first epoch pays for it
     train_set = GenericSet(corpus, "train", cfg.augmenter("none"), cache=cfg.num_workers == 0)
@@ -116,22 +114,22 @@ def run(cfg: Config) -> dict:
     sched = poly_scheduler(opt, steps_per_epoch * cfg.epochs)
     scaler = make_scaler(device, cfg.amp)
     runner = EpochRunner(cfg.state_dir, resume_key(cfg), cfg.epochs, cfg.seed,
-                         model=model, opt=opt, sched=sched, scaler=scaler)
+                         dist=dist, model=model, opt=opt, sched=sched, scaler=scaler)
+    net = runner.wrap(model, cfg.sync_bn)
     log.info("pretraining %s (output stride %d) on the generic corpus: %d train / %d val images of %d px, "
              "%d categories, %d steps/epoch, %d epochs, device %s", cfg.backbone, cfg.output_stride,
              len(train_set), len(val_set), cfg.image_size, len(CATEGORIES), steps_per_epoch, cfg.epochs, device)
     t_train, n_seen, val = 0.0, 0, None
     for epoch in runner:
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
-        st = train_multilabel_epoch(model, loader, opt, sched, scaler, device, cfg.amp,
+        loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
+        st = train_multilabel_epoch(net, loader, opt, sched, scaler, device, cfg.amp,
                                     desc=f"epoch {epoch + 1}/{cfg.epochs}")
         t_train += st.seconds
         n_seen += st.images
         val = generic_scores(model, val_set, device, num_workers=cfg.num_workers)
         runner.log(epoch, {"loss": st.loss, "train_f1": st.train_f1, **{f"val_{k}": v for k, v in val.items()},
                            "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s})
-    save_weights(cfg.out, backbone_state(model))
+    runner.save_weights(cfg.out, backbone_state(model))
     # scores of the weights written: the last epoch's, or fresh ones after a resume with no epoch left
     final = val if val is not None else generic_scores(model, val_set, device, num_workers=cfg.num_workers)
     hist = runner.history
@@ -145,8 +143,7 @@ def run(cfg: Config) -> dict:
         "train_images_per_s": (n_seen / t_train) if t_train else None,
         "wall_s": time.perf_counter() - t_start,  # of this process: a resumed run counts its own epochs only
     }
-    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
-    write_json(cfg.metrics, metrics)
+    runner.write_metrics(cfg.metrics, metrics)
     log.info("wrote %s: val F1 %.3f (precision %.3f, recall %.3f; shape %.3f, texture %.3f, hue %.3f)",
              cfg.out, final["f1"], final["precision"], final["recall"], final["f1_shape"], final["f1_texture"],
              final["f1_hue"])

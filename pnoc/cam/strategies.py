@@ -65,12 +65,21 @@ def puzzle_losses(logits_full: torch.Tensor, cam: torch.Tensor, cam_re: torch.Te
     return l_recls, l_re
 
 
-def sample_classes(y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one present class per image uniformly. y: (B, C) -> (B,) long."""
+def sample_classes(y: torch.Tensor, generator: torch.Generator | None = None,
+                   u: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one present class per image uniformly. y: (B, C) -> (B,) long.
+
+    Args:
+        u: (B, C) uniform draws to use instead of ``generator``: the class is the positive one with the
+            largest draw (uniform over the positives). Multi-process training passes draws that do not
+            depend on the process count (``EpochRunner.shared_rand``).
+    """
     if (y.sum(1) == 0).any():
         raise ValueError("an image has no positive class; erasing needs at least one")
-    probs = (y > 0.5).float()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    positive = y > 0.5
+    if u is not None:
+        return torch.where(positive, u.to(y.device) + 1.0, torch.zeros_like(y)).argmax(1)
+    return torch.multinomial(positive.float(), 1, generator=generator).squeeze(1)
 
 
 def psi(cam_r: torch.Tensor, size: tuple[int, int], norm: str = "image", eps: float = 1e-5) -> torch.Tensor:

@@ -38,13 +38,13 @@ from pnoc.cam.losses import multilabel_soft_margin
 from pnoc.cam.strategies import (STRATEGIES, erased_targets, hard_erase, merge, psi, puzzle_losses, sample_classes,
                                  soft_erase, tile, uses_cse, uses_puzzle)
 from pnoc.data import open_dataset
-from pnoc.data.loaders import ClassificationSet, epoch_loader
+from pnoc.data.loaders import ClassificationSet
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import ThresholdSweep
-from pnoc.io import DataError, write_csv, write_json
+from pnoc.io import DataError
 from pnoc.models.classifier import classifier_from_artifact, create_classifier
 from pnoc.training import (EpochRunner, Runtime, Solver, autocast, linear_ramp, load_weights, make_scaler, param_groups,
-                           poly_scheduler, resolve_device, resume_key, save_weights, set_threads)
+                           poly_scheduler, resume_key, start_training)
 
 log = logging.getLogger("pnoc.cam.train_cam")
 
@@ -133,8 +133,21 @@ class CamTrainer:
         self.noc_opt, self.noc_sched = noc_opt, noc_sched
         self.device, self.total = device, total_iters
         self.iteration = 0
+        # what the step trains through: the models themselves, or their DDP wrappers (see wrap)
+        self.f_train, self.noc_train = f, noc
+        self.rand = lambda b, c: torch.rand(b, c)  # draws of the sampled classes (see wrap)
         # parameters noc may train (its frozen BN affine parameters stay frozen)
         self.noc_params = [p for p in noc.parameters() if p.requires_grad] if noc is not None else []
+
+    def wrap(self, runner: EpochRunner, sync_bn: bool = False) -> None:
+        """Train f and noc through ``runner``'s data-parallel wrappers, and draw the sampled classes from
+        draws that do not depend on the process count. The adversary's CSE forward uses the bare noc:
+        its parameters take no gradient there (unless ``noc_cse_leak``, whose gradients DDP then averages
+        with noc's own in the noc step's backward)."""
+        self.f_train = runner.wrap(self.f, sync_bn)
+        if self.noc is not None:
+            self.noc_train = runner.wrap(self.noc, sync_bn)
+        self.rand = runner.shared_rand
 
     def _noc_trainable(self, on: bool) -> None:
         for p in self.noc_params:
@@ -160,16 +173,16 @@ class CamTrainer:
             # (the reference leaks λ_cse·L_cse gradients into noc: noc_cse_leak=true)
             self._noc_trainable(False)
         with autocast(dev, c.amp):
-            logits, cam = self.f(x)
+            logits, cam = self.f_train(x)
             loss = multilabel_soft_margin(logits, y, a)
             parts["cls"] = loss.item()
             if uses_puzzle(c.strategy):
-                _, cam_t = self.f(tile(x))
+                _, cam_t = self.f_train(tile(x))
                 l_recls, l_re = puzzle_losses(logits, cam.float(), merge(cam_t).float(), y, a)
                 loss = loss + l_recls + lam["re"] * l_re
                 parts["re_cls"], parts["re"] = l_recls.item(), l_re.item()
             if uses_cse(c.strategy):
-                r = sample_classes(y)
+                r = sample_classes(y, u=self.rand(y.shape[0], y.shape[1]))
                 cam_r = cam[torch.arange(len(r), device=cam.device), r].float()
                 mask = psi(cam_r, x.shape[-2:], c.cse_mask_norm)
                 oc_logits, _ = adversary(soft_erase(x, mask))
@@ -195,7 +208,7 @@ class CamTrainer:
                     # cse_mask_norm says (a batch-normalised mask would leave most images unerased)
                     hard_mask = psi(cam_r.detach(), x.shape[-2:], "image")
                     hard = hard_erase(x, hard_mask, c.noc_delta, c.noc_mask_rule)
-                    noc_logits, _ = self.noc(hard)
+                    noc_logits, _ = self.noc_train(hard)
                     l_noc = multilabel_soft_margin(noc_logits, y, a)
                 (lam["noc"] * l_noc * share).backward()
                 parts["noc"] = l_noc.item()
@@ -243,8 +256,14 @@ def build(cfg: Config, n_classes: int, device: torch.device, total_iters: int):
 def run(cfg: Config) -> dict:
     if cfg.accumulate_loss not in ACCUMULATE_LOSS:
         raise DataError(f"accumulate_loss={cfg.accumulate_loss!r}: use one of {ACCUMULATE_LOSS}")
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = start_training(cfg)
+    device = dist.device
+    if dist.enabled and cfg.cse_mask_norm == "batch" and uses_cse(cfg.strategy):
+        raise DataError("cam.cse_mask_norm=batch divides by the maximum over the global batch, which spans the "
+                        f"{dist.world} processes of resources.gpus_per_job; use cse_mask_norm: image or one process")
+    if dist.enabled and cfg.noc_cse_leak and cfg.noc_interval > 1:
+        raise DataError("cam.noc_cse_leak=true with noc_interval > 1 would step noc on gradients that no process "
+                        "averaged; set noc_interval: 1 or resources.gpus_per_job: 1")
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     ev = open_dataset(cfg.dataset, cfg.root, cfg.eval_split)
     train_set = ClassificationSet(ds, cfg.augmenter(cfg.augment))
@@ -256,15 +275,15 @@ def run(cfg: Config) -> dict:
         objects.update(noc=tr.noc, noc_opt=tr.noc_opt, noc_sched=tr.noc_sched)
     conf = resume_key(cfg)
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
-                         inputs=(cfg.classifier, *ds.identity_files()), **objects)
+                         inputs=(cfg.classifier, *ds.identity_files()), dist=dist, **objects)
+    tr.wrap(runner, cfg.sync_bn)
     log.info("strategy %s (ls=%.2f): %d images, %d iterations/epoch, %d epochs on %s", cfg.strategy,
              cfg.label_smoothing, len(train_set), iters_per_epoch, cfg.epochs, device)
     t_total, n_iters = 0.0, 0
     for epoch in runner:
         tr.iteration = epoch * iters_per_epoch
         tr.f.train()
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
+        loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
         sums: dict[str, float] = {}
         n = 0
         t0 = time.perf_counter()
@@ -283,17 +302,17 @@ def run(cfg: Config) -> dict:
     arch = {"backbone": cfg.backbone if cfg.init == "backbone" else None, "n_classes": ds.n_classes,
             "output_stride": cfg.output_stride}
     base = load_weights(cfg.classifier)["arch"] if cfg.init == "classifier" else arch
-    save_weights(cfg.out, {"arch": base, "model": tr.f.state_dict(), "classes": ds.classes, "strategy": cfg.strategy})
+    runner.save_weights(cfg.out, {"arch": base, "model": tr.f.state_dict(), "classes": ds.classes,
+                                  "strategy": cfg.strategy})
     if tr.noc is not None:
-        save_weights(Path(cfg.out).with_name("noc.pt"), {"arch": base, "model": tr.noc.state_dict()})
+        runner.save_weights(Path(cfg.out).with_name("noc.pt"), {"arch": base, "model": tr.noc.state_dict()})
     hist = runner.history
     metrics = {"stage": "train_cam", "strategy": cfg.strategy, "label_smoothing": cfg.label_smoothing, "epochs": hist,
                "final": hist[-1] if hist else {}, "resumed_from_epoch": runner.start_epoch,
                "seconds_per_iteration": t_total / max(1, n_iters) if n_iters else None,
                "options": {"cse_mask_norm": cfg.cse_mask_norm, "noc_mask_rule": cfg.noc_mask_rule,
                            "noc_cse_leak": cfg.noc_cse_leak}}
-    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
-    write_json(cfg.metrics, metrics)
+    runner.write_metrics(cfg.metrics, metrics)
     return metrics
 
 

@@ -16,11 +16,10 @@ from pnoc import cli
 from pnoc.cam.classification import train_multilabel_epoch
 from pnoc.cam.losses import f1_scores
 from pnoc.data import open_dataset
-from pnoc.data.loaders import ClassificationSet, epoch_loader
-from pnoc.io import write_csv, write_json
+from pnoc.data.loaders import ClassificationSet
 from pnoc.models.classifier import create_classifier
-from pnoc.training import (EpochRunner, Runtime, Solver, make_scaler, param_groups, poly_scheduler, resolve_device,
-                           resume_key, save_weights, set_threads)
+from pnoc.training import (EpochRunner, Runtime, Solver, make_scaler, param_groups, poly_scheduler, resume_key,
+                           start_training)
 
 log = logging.getLogger("pnoc.cam.train_classifier")
 
@@ -67,8 +66,8 @@ def classification_scores(model, ds, device, batch_size: int = 32, image_size: i
 
 
 def run(cfg: Config) -> dict:
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = start_training(cfg)
+    device = dist.device
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     val = open_dataset(cfg.dataset, cfg.root, cfg.val_split)
     train_set = ClassificationSet(ds, cfg.augmenter(cfg.augment))
@@ -82,15 +81,15 @@ def run(cfg: Config) -> dict:
     sched = poly_scheduler(opt, total)
     scaler = make_scaler(device, cfg.amp)
     conf = resume_key(cfg)
-    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, inputs=(*ds.identity_files(),),
+    runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, inputs=(*ds.identity_files(),), dist=dist,
                          model=model, opt=opt, sched=sched, scaler=scaler)
+    net = runner.wrap(model, cfg.sync_bn)
     log.info("training %s on %s/%s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.backbone, cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, device)
     t_train, n_seen = 0.0, 0
     for epoch in runner:
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
-        st = train_multilabel_epoch(model, loader, opt, sched, scaler, device, cfg.amp, cfg.label_smoothing,
+        loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
+        st = train_multilabel_epoch(net, loader, opt, sched, scaler, device, cfg.amp, cfg.label_smoothing,
                                     desc=f"epoch {epoch + 1}/{cfg.epochs}")
         t_train += st.seconds
         n_seen += st.images
@@ -99,13 +98,12 @@ def run(cfg: Config) -> dict:
                            "val_precision": val_scores["precision"], "val_recall": val_scores["recall"],
                            "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s})
     arch = {"backbone": cfg.backbone, "n_classes": ds.n_classes, "output_stride": cfg.output_stride}
-    save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "classes": ds.classes})
+    runner.save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "classes": ds.classes})
     hist = runner.history
     metrics = {"stage": "train_classifier", "epochs": hist, "final": hist[-1] if hist else {},
                "resumed_from_epoch": runner.start_epoch,
-               "train_images_per_s": (n_seen / t_train) if t_train else None}
-    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
-    write_json(cfg.metrics, metrics)
+               "train_images_per_s": (n_seen / t_train * dist.world) if t_train else None}
+    runner.write_metrics(cfg.metrics, metrics)
     return metrics
 
 

@@ -34,6 +34,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -303,9 +304,10 @@ class WSSSDataset:
         except OSError as e:
             raise DataError(f"{path}: corrupt image ({e}); replace it or drop it from the list") from e
 
-    def validate(self, need_labels: bool = True, need_masks: bool = False) -> None:
-        """Check every listed image exists (and has labels/masks); raise on the first problem."""
-        for i in self.ids:
+    def validate(self, need_labels: bool = True, need_masks: bool = False, ids: Sequence[str] | None = None) -> None:
+        """Check every listed image (or those of ``ids``, e.g. a shard's) exists (and has labels/masks); raise on
+        the first problem."""
+        for i in self.ids if ids is None else ids:
             p = self.image_path(i)
             if not p.is_file():
                 raise DataError(f"{p}: listed in split {self.split!r} but the image does not exist; fix the list")

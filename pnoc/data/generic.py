@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from pnoc.data.synthetic import SPLITS, _background, _grid, _raster, _smooth_noise
 from pnoc.data.transforms import Augmenter, normalize, to_tensor_image
+from pnoc.distributed import SeededItems
 
 SHAPES = ["pentagon", "hexagon", "diamond", "trapezoid", "parallelogram", "semicircle", "chevron", "heart"]
 """Object outlines of the corpus, none of them a benchmark body shape (``synthetic.CLASS_SHAPES``)."""
@@ -250,7 +250,7 @@ def render_generic(cfg: GenericConfig, split: str, index: int) -> tuple[np.ndarr
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-class GenericSet(Dataset):
+class GenericSet(SeededItems):
     """The corpus as a ``torch.utils.data.Dataset``, rendered on access (workers render in parallel).
 
     Items: ``(x float (3, crop, crop) normalised, y float (K,), index)``, as
@@ -287,7 +287,7 @@ class GenericSet(Dataset):
             self._done[i] = True
         return self._images[i], self._labels[i]
 
-    def __getitem__(self, i: int):
+    def item(self, i: int):
         image, labels = self.sample(i)
         img = to_tensor_image(image)
         x = normalize(img) if self.aug is None else self.aug(img)[0]

@@ -11,11 +11,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from pnoc.data.datasets import WSSSDataset
 from pnoc.data.transforms import Augmenter, to_tensor_image
+from pnoc.distributed import Distributed, SeededItems
 from pnoc.io import DataError, read_mask
 
 
-class ClassificationSet(Dataset):
-    """Items: ``(x (3, crop, crop) float, y (C,) float, index)``."""
+class ClassificationSet(SeededItems):
+    """Items: ``(x (3, crop, crop) float, y (C,) float, index)``; keys ``i`` or ``(i, item_seed)``."""
 
     def __init__(self, ds: WSSSDataset, augmenter: Augmenter):
         self.ds, self.aug = ds, augmenter
@@ -25,14 +26,14 @@ class ClassificationSet(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int):
+    def item(self, i: int):
         image_id = self.ds.ids[i]
         img = to_tensor_image(self.ds.read_image(image_id))
         x, _ = self.aug(img)
         return x, torch.from_numpy(self.ds.labels(image_id)), i
 
 
-class PairedSet(Dataset):
+class PairedSet(SeededItems):
     """Image plus per-image auxiliary maps loaded by ``load_aux(image_id, (H, W))``.
 
     ``load_aux`` returns a list of arrays: uint8 (H, W) label maps or float (C, H, W) maps.
@@ -47,7 +48,7 @@ class PairedSet(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int):
+    def item(self, i: int):
         image_id = self.ds.ids[i]
         arr = self.ds.read_image(image_id)
         aux = [torch.from_numpy(np.ascontiguousarray(a)) for a in self.load_aux(image_id, arr.shape[:2])]
@@ -72,21 +73,12 @@ def mask_loader(mask_dir: str | Path | None, ds: WSSSDataset) -> Callable[[str, 
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int,
-                 shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose order and worker seeds depend only on ``(seed, epoch)``.
+                 shuffle: bool = True, drop_last: bool = True) -> DataLoader:
+    """A single process's loader of epoch ``epoch``: order and augmentation depend only on ``(seed, epoch)``.
 
-    This is what makes a resumed run identical to an uninterrupted one: epoch ``e``
-    sees the same permutation and the same augmentation draws either way.
+    This is what makes a resumed run identical to an uninterrupted one: epoch ``e`` sees the same
+    permutation and the same augmentation draws either way (and with any worker or process count,
+    see :class:`pnoc.distributed.GlobalBatchSampler`). Training stages get theirs from
+    ``EpochRunner.loader``, which also slices the batches across processes.
     """
-    g = torch.Generator()
-    g.manual_seed(seed * 100003 + epoch)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last and len(dataset) >= batch_size,
-        num_workers=num_workers,
-        generator=g,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+    return Distributed().loader(dataset, batch_size, seed, epoch, num_workers, shuffle, drop_last)

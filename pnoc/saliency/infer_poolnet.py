@@ -3,7 +3,8 @@
 One forward pass per image at its own size (the reference's procedure; ``flip: true`` also
 averages the mirrored pass's probability), σ(logit) written as an 8-bit gray PNG 0..255
 (``<id>.png``) into a folder written atomically. These are the maps the affinity-label stage
-consumes (δ_bg / δ_fg thresholds on value/255).
+consumes (δ_bg / δ_fg thresholds on value/255). With ``shard: kofK`` only the k-th of K slices of the
+split is processed (:mod:`pnoc.shards`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pnoc.data import open_dataset
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import atomic_dir, write_gray, write_json
 from pnoc.models.poolnet import poolnet_from_artifact
-from pnoc.training import load_weights, resolve_device, set_threads
+from pnoc.shards import shard_ids
+from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.saliency.infer_poolnet")
 
@@ -40,6 +42,7 @@ class Config:
     flip: bool = False
     device: str = "auto"
     threads: int = 0
+    shard: str = "1of1"
 
 
 @torch.no_grad()
@@ -64,29 +67,32 @@ def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    ds.validate(need_labels=False)
+    ids = shard_ids(ds.ids, cfg.shard)
+    ds.validate(need_labels=False, ids=ids)
     model = poolnet_from_artifact(load_weights(cfg.model)).to(device).eval()
     by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for image_id in ds.ids:
+    for image_id in ids:
         by_size[ds.image_size(image_id)].append(image_id)
     t0 = time.perf_counter()
     mean_sal = 0.0
-    with atomic_dir(cfg.out_dir) as tmp, tqdm(total=len(ds), desc=f"poolnet {cfg.split}", mininterval=10) as bar:
-        for _, ids in by_size.items():
-            for i in range(0, len(ids), cfg.batch_size):
-                chunk = ids[i:i + cfg.batch_size]
+    with atomic_dir(cfg.out_dir) as tmp, tqdm(total=len(ids), desc=f"poolnet {cfg.split}", mininterval=10) as bar:
+        for size, group in by_size.items():
+            for i in range(0, len(group), cfg.batch_size):
+                chunk = group[i:i + cfg.batch_size]
                 imgs = torch.stack([to_tensor_image(ds.read_image(j)) for j in chunk]).to(device)
-                p = predict(model, imgs, cfg.flip).cpu().numpy()
+                with memory_guard(device, chunk, size, "lower saliency.inference.batch_size (images of one size "
+                                  "run together)"):
+                    p = predict(model, imgs, cfg.flip).cpu().numpy()
                 for b, image_id in enumerate(chunk):
                     write_gray(tmp / f"{image_id}.png", p[b])
                     mean_sal += float(p[b].mean())
                 bar.update(len(chunk))
         dt = time.perf_counter() - t0
-        info = {"stage": "infer_poolnet", "split": cfg.split, "images": len(ds), "model": str(cfg.model),
-                "flip": cfg.flip, "mean_saliency": mean_sal / max(1, len(ds)), "seconds": dt,
-                "images_per_s": len(ds) / max(dt, 1e-9)}
+        info = {"stage": "infer_poolnet", "split": cfg.split, "images": len(ids), "model": str(cfg.model),
+                "flip": cfg.flip, "mean_saliency": mean_sal / max(1, len(ids)), "seconds": dt,
+                "images_per_s": len(ids) / max(dt, 1e-9)}
         write_json(tmp / "_info.json", info)
-    log.info("%d images in %.1fs (%.1f img/s)", len(ds), dt, info["images_per_s"])
+    log.info("%d images in %.1fs (%.1f img/s)", len(ids), dt, info["images_per_s"])
     return info
 
 

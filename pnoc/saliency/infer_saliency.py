@@ -22,7 +22,8 @@ For every image of a split:
    iterations, unary ``crf_gt_prob``; ``crf_t: 0`` skips it) and written as an 8-bit gray PNG
    with values 0 / 255 (``pseudo/<id>.png``) — the PoolNet training targets.
 
-Both folders are written atomically.
+Both folders are written atomically. With ``shard: kofK`` only the k-th of K slices of the split is
+processed (:mod:`pnoc.shards`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from pnoc.data import open_dataset
 from pnoc.data.transforms import to_tensor_image
 from pnoc.io import atomic_dir, save_maps, write_json, write_mask
 from pnoc.models.ccam import ccam_from_artifact
-from pnoc.training import load_weights, resolve_device, set_threads
+from pnoc.shards import shard_ids
+from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.saliency.infer_saliency")
 
@@ -69,6 +71,7 @@ class Config:
     crf_gt_prob: float = 0.7
     device: str = "auto"
     threads: int = 0
+    shard: str = "1of1"
 
 
 def make_forward(model: torch.nn.Module, flip_direction: bool, activation: str, device: torch.device):
@@ -122,7 +125,8 @@ def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    ds.validate(need_labels=False)
+    ids = shard_ids(ds.ids, cfg.shard)
+    ds.validate(need_labels=False, ids=ids)
     state = load_weights(cfg.model)
     direction = state.get("direction") or {"flip": False, "method": "none recorded"}
     model = ccam_from_artifact(state).to(device).eval()
@@ -130,19 +134,21 @@ def run(cfg: Config) -> dict:
     log.info("%s model %s: direction flip=%s (%s), activation %s", state.get("method", "?"), cfg.model,
              direction["flip"], direction["method"], cfg.activation)
     by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for image_id in ds.ids:
+    for image_id in ids:
         by_size[ds.image_size(image_id)].append(image_id)
     t0 = time.perf_counter()
     t_crf = 0.0
     fg_frac = 0.0
     with atomic_dir(cfg.raw_dir) as raw_tmp, atomic_dir(cfg.pseudo_dir) as pseudo_tmp, \
-            tqdm(total=len(ds), desc=f"saliency {cfg.split}", mininterval=10) as bar:
-        for _, ids in by_size.items():
-            for i in range(0, len(ids), cfg.batch_size):
-                chunk = ids[i:i + cfg.batch_size]
+            tqdm(total=len(ids), desc=f"saliency {cfg.split}", mininterval=10) as bar:
+        for size, group in by_size.items():
+            for i in range(0, len(group), cfg.batch_size):
+                chunk = group[i:i + cfg.batch_size]
                 imgs_np = [ds.read_image(j) for j in chunk]
                 imgs = torch.stack([to_tensor_image(im) for im in imgs_np])
-                hr, lr = tta_maps(forward, imgs.to(device), cfg.scales, cfg.flip, reduce="mean")
+                with memory_guard(device, chunk, size, "lower saliency.inference.batch_size (images of one size "
+                                  "run together) or the largest of saliency.inference.scales"):
+                    hr, lr = tta_maps(forward, imgs.to(device), cfg.scales, cfg.flip, reduce="mean")
                 hr, lr = finish_maps(hr, lr, cfg.activation, cfg.flip)
                 hr, lr = hr.cpu().numpy(), lr.cpu().numpy()
                 for b, image_id in enumerate(chunk):
@@ -154,14 +160,14 @@ def run(cfg: Config) -> dict:
                     write_mask(pseudo_tmp / f"{image_id}.png", mask, palette=False)
                 bar.update(len(chunk))
         dt = time.perf_counter() - t0
-        info = {"stage": "infer_saliency", "split": cfg.split, "images": len(ds), "model": str(cfg.model),
+        info = {"stage": "infer_saliency", "split": cfg.split, "images": len(ids), "model": str(cfg.model),
                 "direction": direction, "activation": cfg.activation, "scales": cfg.scales, "flip": cfg.flip,
                 "pseudo_threshold": cfg.pseudo_threshold, "crf_t": cfg.crf_t, "crf_gt_prob": cfg.crf_gt_prob,
-                "pseudo_fg_fraction": fg_frac / max(1, len(ds)), "seconds": dt, "crf_seconds": t_crf,
-                "images_per_s": len(ds) / max(dt, 1e-9)}
+                "pseudo_fg_fraction": fg_frac / max(1, len(ids)), "seconds": dt, "crf_seconds": t_crf,
+                "images_per_s": len(ids) / max(dt, 1e-9)}
         write_json(raw_tmp / "_info.json", info)
         write_json(pseudo_tmp / "_info.json", info)
-    log.info("%d images in %.1fs (CRF %.1fs); pseudo-mask foreground %.3f", len(ds), dt, t_crf,
+    log.info("%d images in %.1fs (CRF %.1fs); pseudo-mask foreground %.3f", len(ids), dt, t_crf,
              info["pseudo_fg_fraction"])
     return info
 

@@ -44,16 +44,16 @@ from tqdm import tqdm
 
 from pnoc import cli
 from pnoc.data import open_dataset
-from pnoc.data.loaders import PairedSet, epoch_loader
+from pnoc.data.loaders import PairedSet
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import ThresholdSweep
-from pnoc.io import DataError, write_csv, write_json
+from pnoc.io import DataError
 from pnoc.models.ccam import create_ccam
 from pnoc.models.classifier import classifier_backbone_state, load_backbone_state
 from pnoc.saliency.losses import ccam_loss, decide_direction, hint_loss
 from pnoc.saliency.maps import binary_gt, read_hint, thresholds
-from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, param_groups, poly_scheduler,
-                           resolve_device, resume_key, save_weights, set_threads)
+from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, param_groups,
+                           poly_scheduler, resume_key, start_training)
 
 log = logging.getLogger("pnoc.saliency.train_ccam")
 
@@ -201,13 +201,40 @@ def quick_binary_miou(model, ds, ids, device) -> tuple[float, float]:
     return best(sw), best(sw_flip)
 
 
+def ccam_objective(cfg: Config, z: torch.Tensor, v_fg: torch.Tensor, v_bg: torch.Tensor,
+                   hint: torch.Tensor | None = None, gather=lambda t: t) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one C²AM / C²AM-H step and its logged parts.
+
+    Args:
+        z: (B, 1, h, w) logits; v_fg, v_bg: (B, d) partition vectors of this process's images.
+        hint: (B, 1, H, W) hint maps (``method: c2amh``), else None.
+        gather: the global batch of a per-process tensor (``EpochRunner.gather_batch``): the contrast couples
+            every pair of images of the batch, so it sees the vectors of all processes.
+
+    Returns:
+        the loss and ``sim_max_fg``, ``sim_min``, ``sim_max_bg`` (+ ``hint``, ``hint_fraction``, and
+        ``bg_hint``, ``bg_hint_fraction`` with ``bg_hint_weight`` > 0) as floats.
+    """
+    loss, parts = ccam_loss(gather(v_fg), gather(v_bg), cfg.alpha, cfg.exclude_diagonal)
+    out = {k: v.item() for k, v in parts.items()}
+    if hint is not None:
+        l_hint, n_px = hint_loss(z, hint, cfg.fg_threshold, cfg.hint_smoothing)
+        loss = loss + cfg.hint_weight * l_hint
+        out["hint"], out["hint_fraction"] = l_hint.item(), n_px / z[:, 0].numel()
+        if cfg.bg_hint_weight > 0:
+            l_bg, n_bg = background_hint_loss(z, hint, cfg.bg_threshold, cfg.hint_smoothing)
+            loss = loss + cfg.bg_hint_weight * l_bg
+            out["bg_hint"], out["bg_hint_fraction"] = l_bg.item(), n_bg / z[:, 0].numel()
+    return loss, out
+
+
 def run(cfg: Config) -> dict:
     if cfg.method not in METHODS:
         raise ValueError(f"method {cfg.method!r}: use one of {METHODS}")
     if cfg.method == "c2amh" and cfg.hints is None:
         raise DataError("method c2amh needs --hints <folder written by rule extract_hints>")
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = start_training(cfg)
+    device = dist.device
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     hints_dir = Path(cfg.hints) if cfg.hints is not None else None
     if hints_dir is not None and not hints_dir.is_dir():
@@ -236,40 +263,29 @@ def run(cfg: Config) -> dict:
         conf["backbone"] = conf["weights"] = "from classifier"
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
                          inputs=(cfg.hints, cfg.classifier, *ds.identity_files()),
-                         model=model, opt=opt, sched=sched, scaler=scaler)
+                         dist=dist, model=model, opt=opt, sched=sched, scaler=scaler)
+    net = runner.wrap(model, cfg.sync_bn)
     eval_ids = ds.ids[:cfg.epoch_eval_images] if cfg.epoch_eval_images > 0 else list(ds.ids)
     log.info("%s on %s/%s: %d images, %d steps/epoch, %d epochs, backbone %s (init %s), device %s", cfg.method,
              cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, arch["backbone"], cfg.init, device)
     t_train, n_steps = 0.0, 0
     for epoch in runner:
         model.train()
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
+        loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
         sums: dict[str, float] = defaultdict(float)
         n = 0
         t0 = time.perf_counter()
         for batch in tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
             x = batch[0].to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                z, v_fg, v_bg = model(x)
-            loss, parts = ccam_loss(v_fg, v_bg, cfg.alpha, cfg.exclude_diagonal)
-            if cfg.method == "c2amh":
-                l_hint, n_px = hint_loss(z, batch[1].to(device, non_blocking=True), cfg.fg_threshold,
-                                         cfg.hint_smoothing)
-                loss = loss + cfg.hint_weight * l_hint
-                sums["hint"] += l_hint.item()
-                sums["hint_fraction"] += n_px / z[:, 0].numel()
-                if cfg.bg_hint_weight > 0:
-                    l_bg, n_bg = background_hint_loss(z, batch[1].to(device, non_blocking=True), cfg.bg_threshold,
-                                                      cfg.hint_smoothing)
-                    loss = loss + cfg.bg_hint_weight * l_bg
-                    sums["bg_hint"] += l_bg.item()
-                    sums["bg_hint_fraction"] += n_bg / z[:, 0].numel()
+                z, v_fg, v_bg = net(x)
+            hint = batch[1].to(device, non_blocking=True) if cfg.method == "c2amh" else None
+            loss, parts = ccam_objective(cfg, z, v_fg, v_bg, hint, runner.gather_batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {n}: {loss.item()}")
             optimizer_step(loss, opt, scaler, sched)
             for k, v in parts.items():
-                sums[k] += v.item()
+                sums[k] += v
             sums["loss"] += loss.item()
             n += 1
         dt = time.perf_counter() - t0
@@ -294,14 +310,13 @@ def run(cfg: Config) -> dict:
         direction = dict(evidence)
     log.info("direction: flip=%s (%s; correlation %s, border-on %.3f over %d images)", direction["flip"],
              direction["method"], evidence["correlation"], evidence["border_on_fraction"], evidence["n_images"])
-    save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "method": cfg.method, "direction": direction,
-                           "init": cfg.init})
+    runner.save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "method": cfg.method,
+                                  "direction": direction, "init": cfg.init})
     hist = runner.history
     metrics = {"stage": "train_ccam", "method": cfg.method, "epochs": hist, "final": hist[-1] if hist else {},
                "resumed_from_epoch": runner.start_epoch, "direction": direction, "arch": arch,
                "seconds_per_iteration": t_train / n_steps if n_steps else None, "train_seconds": t_train}
-    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
-    write_json(cfg.metrics, metrics)
+    runner.write_metrics(cfg.metrics, metrics)
     return metrics
 
 

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from pnoc import cli
 from pnoc.data import open_dataset
-from pnoc.data.loaders import PairedSet, epoch_loader
-from pnoc.io import DataError, read_mask, write_csv, write_json
+from pnoc.data.loaders import PairedSet
+from pnoc.io import DataError, read_mask
 from pnoc.models.classifier import classifier_backbone_state, load_backbone_state
 from pnoc.models.poolnet import create_poolnet
-from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, param_groups, resolve_device,
-                           resume_key, save_weights, set_threads)
+from pnoc.training import (EpochRunner, Runtime, Solver, autocast, make_scaler, optimizer_step, param_groups,
+                           resume_key, start_training)
 
 log = logging.getLogger("pnoc.saliency.train_poolnet")
 
@@ -103,8 +103,8 @@ def build_model(cfg: Config):
 
 
 def run(cfg: Config) -> dict:
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = start_training(cfg)
+    device = dist.device
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     if not Path(cfg.masks).is_dir():
         raise DataError(f"{cfg.masks}: pseudo-saliency folder not found; run rule infer_saliency for split {cfg.split}")
@@ -122,21 +122,21 @@ def run(cfg: Config) -> dict:
         conf["backbone"] = conf["weights"] = "from classifier"
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
                          inputs=(cfg.masks, cfg.classifier, *ds.identity_files()),
-                         model=model, opt=opt, scaler=scaler)
+                         dist=dist, model=model, opt=opt, scaler=scaler)
+    net = runner.wrap(model, cfg.sync_bn)
     log.info("PoolNet (%s, width %d) on %s/%s with masks %s: %d images, %d epochs, device %s", arch["backbone"],
              cfg.width, cfg.dataset, cfg.split, cfg.masks, len(train_set), cfg.epochs, device)
     t_train, n_steps = 0.0, 0
     for epoch in runner:
         model.train()
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
+        loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
         tot, agree, valid_px, n = 0.0, 0, 0, 0
         t0 = time.perf_counter()
         for x, target, _, _ in tqdm(loader, desc=f"poolnet epoch {epoch + 1}/{cfg.epochs}", mininterval=10,
                                     leave=False):
             x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                logits = model(x)
+                logits = net(x)
             loss = masked_bce(logits, target)
             optimizer_step(loss, opt, scaler)
             tot += loss.item()
@@ -149,13 +149,12 @@ def run(cfg: Config) -> dict:
         n_steps += n
         runner.log(epoch, {"loss": tot / max(1, n), "pixel_agreement": agree / max(1, valid_px),
                            "seconds_per_iteration": dt / max(1, n)})
-    save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "masks": str(cfg.masks)})
+    runner.save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "masks": str(cfg.masks)})
     hist = runner.history
     metrics = {"stage": "train_poolnet", "masks": str(cfg.masks), "epochs": hist, "final": hist[-1] if hist else {},
                "resumed_from_epoch": runner.start_epoch, "arch": arch,
                "seconds_per_iteration": t_train / n_steps if n_steps else None, "train_seconds": t_train}
-    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
-    write_json(cfg.metrics, metrics)
+    runner.write_metrics(cfg.metrics, metrics)
     return metrics
 
 

@@ -11,7 +11,8 @@ as VOC palette PNGs in the evaluation server's layout,
 with ``tar -czf results.tgz -C <out_dir>/submission results``.
 
 The folder is written atomically; ``_info.json`` holds the settings and the timing.
-Image labels and ground truth are not needed (the test split has neither).
+Image labels and ground truth are not needed (the test split has neither). With ``shard: kofK`` only
+the k-th of K slices of the split is processed (:mod:`pnoc.shards`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import atomic_dir, write_json
 from pnoc.models.deeplab import segmenter_from_artifact
 from pnoc.segmentation.multiscale import multiscale_logits, to_voc_submission, write_index_png
-from pnoc.training import load_weights, resolve_device, set_threads
+from pnoc.shards import shard_ids
+from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.segmentation.infer_segmentation")
 
@@ -54,6 +56,7 @@ class Config:
     submission: bool | None = None
     device: str = "auto"
     threads: int = 0
+    shard: str = "1of1"
 
 
 def predict(model, img: np.ndarray, device: torch.device, scales, flip: bool, crf: bool, crf_t: int) -> np.ndarray:
@@ -72,23 +75,26 @@ def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    ds.validate(need_labels=False)
+    ids = shard_ids(ds.ids, cfg.shard)
+    ds.validate(need_labels=False, ids=ids)
     model = segmenter_from_artifact(load_weights(cfg.model)).to(device).eval()
     submission = cfg.split == "test" if cfg.submission is None else cfg.submission
     t0 = time.perf_counter()
     with atomic_dir(cfg.out_dir) as tmp:
-        for image_id in tqdm(ds.ids, desc=f"segmentation {cfg.split}", mininterval=10):
-            mask = predict(model, ds.read_image(image_id), device, cfg.scales, cfg.flip, cfg.crf, cfg.crf_t)
+        for image_id in tqdm(ids, desc=f"segmentation {cfg.split}", mininterval=10):
+            img = ds.read_image(image_id)
+            with memory_guard(device, [image_id], img.shape[:2], "lower the largest of segmentation.scales"):
+                mask = predict(model, img, device, cfg.scales, cfg.flip, cfg.crf, cfg.crf_t)
             write_index_png(mask, tmp / f"{image_id}.png")
             if submission:
                 to_voc_submission(mask, tmp / SUBMISSION_SUBDIR / f"{image_id}.png")
         dt = time.perf_counter() - t0
-        info = {"stage": "infer_segmentation", "split": cfg.split, "model": str(cfg.model), "images": len(ds),
+        info = {"stage": "infer_segmentation", "split": cfg.split, "model": str(cfg.model), "images": len(ids),
                 "scales": cfg.scales, "flip": cfg.flip, "crf": cfg.crf, "crf_t": cfg.crf_t,
                 "submission": SUBMISSION_SUBDIR if submission else None,
-                "seconds": dt, "images_per_s": len(ds) / max(dt, 1e-9)}
+                "seconds": dt, "images_per_s": len(ids) / max(dt, 1e-9)}
         write_json(tmp / "_info.json", info)
-    log.info("%d images in %.1fs (%.2f img/s)%s", len(ds), dt, info["images_per_s"],
+    log.info("%d images in %.1fs (%.2f img/s)%s", len(ids), dt, info["images_per_s"],
              f"; VOC submission in {cfg.out_dir}/{SUBMISSION_SUBDIR}" if submission else "")
     return info
 

@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from pnoc import cli
 from pnoc.data import open_dataset
-from pnoc.data.loaders import PairedSet, epoch_loader, mask_loader
+from pnoc.data.loaders import PairedSet, mask_loader
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import confusion, scores
-from pnoc.io import DataError, write_csv, write_json
+from pnoc.io import DataError
 from pnoc.models.deeplab import ARCHS, build_segmenter
-from pnoc.training import (OPTIMIZERS, EpochRunner, Runtime, Solver, autocast, load_weights, make_scaler, optimizer_step, param_groups,
-                           poly_scheduler, resolve_device, resume_key, save_weights, set_threads)
+from pnoc.training import (OPTIMIZERS, EpochRunner, Runtime, Solver, autocast, load_weights, make_scaler,
+                           optimizer_step, param_groups, poly_scheduler, resume_key, start_training)
 
 log = logging.getLogger("pnoc.segmentation.train_segmentation")
 
@@ -124,13 +124,23 @@ def agreement(model, ds, masks_dir: str | None, device, n_images: int, amp: bool
     return {"agreement_pixel_accuracy": s["pixel_accuracy"], "agreement_miou": s["miou"]}
 
 
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels: logits (B, C, H, W), target (B, H, W) with 255 = ignore.
+
+    The sum divided by the number of valid pixels (at least 1), so a crop that is all padding gives 0, not NaN.
+    """
+    valid = (target != 255).sum().clamp(min=1)
+    return F.cross_entropy(logits.float(), target, ignore_index=255, reduction="sum",
+                           label_smoothing=label_smoothing) / valid
+
+
 def run(cfg: Config) -> dict:
     if cfg.arch not in ARCHS:
         raise DataError(f"arch={cfg.arch!r}: use one of {list(ARCHS)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise DataError(f"optimizer={cfg.optimizer!r}: use one of {OPTIMIZERS}")
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    dist = start_training(cfg)
+    device = dist.device
     ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
     masks_dir = None if str(cfg.masks_dir).lower() == "gt" else str(cfg.masks_dir)
     if masks_dir is not None and not Path(masks_dir).is_dir():
@@ -160,25 +170,22 @@ def run(cfg: Config) -> dict:
     conf = resume_key(cfg)
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
                          inputs=(masks_dir, cfg.classifier, *ds.identity_files()),
-                         model=model, opt=opt, sched=sched, scaler=scaler)
+                         dist=dist, model=model, opt=opt, sched=sched, scaler=scaler)
+    net = runner.wrap(model, cfg.sync_bn)
     log.info("training %s/%s on %s/%s with masks %s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.arch, cfg.backbone, cfg.dataset, cfg.split, cfg.masks_dir, len(train_set), steps_per_epoch,
              cfg.epochs, device)
     t_train, n_seen = 0.0, 0
     for epoch in runner:
         model.train()
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
+        loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
         tot, n = 0.0, 0
         t0 = time.perf_counter()
         for x, target, _y, _i in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
             x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                logits = model(x)
-            # sum / valid pixels: a crop that is all padding (255) gives 0, not NaN
-            valid = (target != 255).sum().clamp(min=1)
-            loss = F.cross_entropy(logits.float(), target, ignore_index=255, reduction="sum",
-                                   label_smoothing=cfg.label_smoothing) / valid
+                logits = net(x)
+            loss = segmentation_loss(logits, target, cfg.label_smoothing)
             optimizer_step(loss, opt, scaler, sched)
             tot += loss.item() * x.shape[0]
             n += x.shape[0]
@@ -189,16 +196,15 @@ def run(cfg: Config) -> dict:
         if cfg.agreement_images > 0:
             row.update(agreement(model, ds, masks_dir, device, cfg.agreement_images, cfg.amp))
         runner.log(epoch, row)
-    save_weights(cfg.out, {"arch": spec, "model": model.state_dict(), "classes": ds.classes,
-                           "masks_dir": str(cfg.masks_dir), "variant": cfg.variant})
+    runner.save_weights(cfg.out, {"arch": spec, "model": model.state_dict(), "classes": ds.classes,
+                                  "masks_dir": str(cfg.masks_dir), "variant": cfg.variant})
     hist = runner.history
     metrics = {"stage": "train_segmentation", "variant": cfg.variant, "arch": cfg.arch, "backbone": cfg.backbone,
                "split": cfg.split, "masks": str(cfg.masks_dir), "init": cfg.classifier if use_classifier else cfg.weights,
                "model_selection": MODEL_SELECTION, "epochs": hist, "final": hist[-1] if hist else {},
                "resumed_from_epoch": runner.start_epoch,
                "train_images_per_s": (n_seen / t_train) if t_train else None}
-    write_csv(Path(cfg.metrics).with_suffix(".csv"), hist)
-    write_json(cfg.metrics, metrics)
+    runner.write_metrics(cfg.metrics, metrics)
     return metrics
 
 

@@ -13,8 +13,8 @@
 #   3  (stop) stopped, but processes of its jobs outlived the daemons: they are listed, then killed.
 # State lives where Debian expects it: /etc/slurm, /etc/munge, /var/spool/slurm{ctld,d}, /run, /var/log/slurm.
 #
-# The node advertises one fake GPU (gres gpu:fake:1 backed by /dev/fakegpu0, a copy of /dev/null):
-# it exercises SLURM's GPU *scheduling* (--gpus / --gres), never CUDA.
+# The node advertises two fake GPUs (gres gpu:fake:2 backed by /dev/fakegpu0 and /dev/fakegpu1, copies of
+# /dev/null): they exercise SLURM's GPU *scheduling* (--gpus / --gres, a 2-GPU training job), never CUDA.
 #
 # Environment knobs:
 #   PNOC_SLURM_START_TIMEOUT  seconds to wait for the node to become idle (default 60)
@@ -34,7 +34,7 @@ CTLD_PID=/run/slurmctld.pid
 SLURMD_PID=/run/slurmd.pid
 MUNGE_RUN=/run/munge
 MUNGE_PID=$MUNGE_RUN/munged.pid
-FAKE_GPU=/dev/fakegpu0
+FAKE_GPUS=(/dev/fakegpu0 /dev/fakegpu1)
 START_TIMEOUT=${PNOC_SLURM_START_TIMEOUT:-60}
 CLUSTER_NAME=pnoc-ci
 
@@ -106,10 +106,13 @@ write_config() {
         die "$SLURM_CONF exists and was not written by this script; refusing to overwrite (PNOC_SLURM_FORCE=1 to override)" 2
     fi
     mkdir -p "$CONF_DIR"
-    # fake GPU device node: slurmd only needs a file to stat; /dev/null's major:minor (1:3)
-    if [ ! -e "$FAKE_GPU" ]; then
-        mknod -m 666 "$FAKE_GPU" c 1 3 2>/dev/null || { say "mknod failed; using a regular file for $FAKE_GPU"; touch "$FAKE_GPU"; chmod 666 "$FAKE_GPU"; }
-    fi
+    # fake GPU device nodes: slurmd only needs a file to stat; /dev/null's major:minor (1:3)
+    local dev
+    for dev in "${FAKE_GPUS[@]}"; do
+        if [ ! -e "$dev" ]; then
+            mknod -m 666 "$dev" c 1 3 2>/dev/null || { say "mknod failed; using a regular file for $dev"; touch "$dev"; chmod 666 "$dev"; }
+        fi
+    done
     # "NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105"
     node_line=$(slurmd -C 2>/dev/null | grep '^NodeName=' | head -1)
     [ -n "$node_line" ] || die "slurmd -C printed no NodeName line"
@@ -165,14 +168,14 @@ SlurmdTimeout=60
 GresTypes=gpu
 $overrides
 # Features: a node feature, so that sbatch -C (the profiles' constraint resource) can be tested
-$node_line Gres=gpu:fake:1 Features=fakegpu State=UNKNOWN
+$node_line Gres=gpu:fake:2 Features=fakegpu State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=ALL Default=NO MaxTime=INFINITE State=UP
 CONF
     cat > "$GRES_CONF" <<CONF
 $MARKER
-# one fake GPU: scheduling only (CUDA_VISIBLE_DEVICES gets set, torch.cuda stays unavailable)
-NodeName=$host Name=gpu Type=fake File=$FAKE_GPU
+# two fake GPUs: scheduling only (CUDA_VISIBLE_DEVICES gets set, torch.cuda stays unavailable)
+NodeName=$host Name=gpu Type=fake File=/dev/fakegpu[0-1]
 CONF
     chmod 644 "$SLURM_CONF" "$GRES_CONF"
 }

@@ -18,20 +18,23 @@ wildcard_constraints:
     chain=r"[a-z0-9_]+\+(classic|saliency)",
 
 
+AFFINITY_LABELS_OUT = f"{RESULTS}/affinity_labels/{{chain}}/seed{{seed}}/{AFF_TRAIN_SPLIT}"
+
+
 rule make_affinity_labels:
     input:
         dataset_inputs(images=[AFF_TRAIN_SPLIT], masks=[AFF_TRAIN_SPLIT]),
         unpack(affinity_inputs),
     output:
-        labels=directory(f"{RESULTS}/affinity_labels/{{chain}}/seed{{seed}}/{AFF_TRAIN_SPLIT}"),
+        labels=sharded(AFFINITY_LABELS_OUT),
     params:
         data=dataset_args(),
         split=AFF_TRAIN_SPLIT,
         method=chain_method,
         saliency=lambda w, input: f"--saliency-dir {shlex.quote(input.saliency)}" if "saliency" in input.keys() else "",
-        args=lambda w: f"{flags(AFF['labels'][chain_method(w)])} {flags(AFF['labels'])}",
+        args=shard_args(lambda w: f"{flags(AFF['labels'][chain_method(w)])} {flags(AFF['labels'])}"),
     log:
-        f"{RESULTS}/logs/make_affinity_labels/{{chain}}-seed{{seed}}.log",
+        sharded_log(f"{RESULTS}/logs/make_affinity_labels/{{chain}}-seed{{seed}}.log"),
     conda:
         ENV
     threads: THREADS
@@ -44,6 +47,29 @@ rule make_affinity_labels:
         " {params.args} 2> {log:q}"
 
 
+if SHARDS > 1:
+
+    localrules:
+        gather_affinity_labels,
+
+    rule gather_affinity_labels:
+        """The affinity labels, put together from the shard folders of make_affinity_labels (summary.json merged)."""
+        input:
+            shards=shard_dirs(AFFINITY_LABELS_OUT),
+        output:
+            labels=directory(AFFINITY_LABELS_OUT),
+        log:
+            f"{RESULTS}/logs/gather_affinity_labels/{{chain}}-seed{{seed}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.labels:q} --shards {input.shards:q} 2> {log:q}"
+
+
 rule train_affinity:
     input:
         dataset_inputs(images=[AFF_TRAIN_SPLIT]),
@@ -54,6 +80,8 @@ rule train_affinity:
         model=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/metrics.json",
     params:
+        launch=launch("train_affinity"),
+        sync_bn=SYNC_BN,
         data=dataset_args(),
         split=AFF_TRAIN_SPLIT,
         source=lambda w, input: f"--source-model {shlex.quote(input.source)}" if "source" in input.keys() else "",
@@ -67,14 +95,18 @@ rule train_affinity:
         ENV
     threads: THREADS
     resources:
-        gpu=GPU,
-        mem_mb=mem_train,
+        gpu=train_gpus("train_affinity"),
+        tasks_per_gpu=0,
+        mem_mb=mem_train("train_affinity"),
         runtime=runtime_train,
     shell:
-        "python -m pnoc.affinity.train_affinity {params.data} --split {params.split:q} --labels {input.labels:q}"
+        "{params.launch} -m pnoc.affinity.train_affinity {params.data} --split {params.split:q} --labels {input.labels:q}"
         " {params.source} --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
         " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
-        " --threads {threads} {params.args} 2> {log:q}"
+        " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
+
+
+RW_OUT = f"{RESULTS}/rw/{{chain}}/seed{{seed}}/{{split}}"
 
 
 rule propagate:
@@ -83,13 +115,13 @@ rule propagate:
         model=f"{RESULTS}/affinity/{{chain}}/seed{{seed}}/model.pt",
         cams=chain_cams(),
     output:
-        rw=directory(f"{RESULTS}/rw/{{chain}}/seed{{seed}}/{{split}}"),
+        rw=sharded(RW_OUT),
     params:
         data=dataset_args(),
-        args=flags(AFF["rw"]),
+        args=shard_args(flags(AFF["rw"])),
         device=config["device"],
     log:
-        f"{RESULTS}/logs/propagate/{{chain}}-seed{{seed}}-{{split}}.log",
+        sharded_log(f"{RESULTS}/logs/propagate/{{chain}}-seed{{seed}}-{{split}}.log"),
     conda:
         ENV
     threads: THREADS
@@ -103,18 +135,44 @@ rule propagate:
         " {params.args} 2> {log:q}"
 
 
+if SHARDS > 1:
+
+    localrules:
+        gather_rw,
+
+    rule gather_rw:
+        """The random-walk maps of a split, put together from the shard folders of propagate (pnoc.shards)."""
+        input:
+            shards=shard_dirs(RW_OUT),
+        output:
+            rw=directory(RW_OUT),
+        log:
+            f"{RESULTS}/logs/gather_rw/{{chain}}-seed{{seed}}-{{split}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.rw:q} --shards {input.shards:q} 2> {log:q}"
+
+
+PSEUDO_MASKS_OUT = f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks"
+
+
 rule make_pseudo_masks:
     input:
         dataset_inputs(split="images"),
         unpack(pseudo_mask_inputs),
     output:
-        masks=directory(f"{RESULTS}/pseudo_masks/{{chain}}/seed{{seed}}/{{split}}/masks"),
+        masks=sharded(PSEUDO_MASKS_OUT),
     params:
         data=dataset_args(),
-        args=flags(AFF["masks"]),
+        args=shard_args(flags(AFF["masks"])),
         saliency=lambda w, input: f"--saliency-dir {shlex.quote(input.saliency)}" if "saliency" in input.keys() else "",
     log:
-        f"{RESULTS}/logs/make_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log",
+        sharded_log(f"{RESULTS}/logs/make_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log"),
     conda:
         ENV
     threads: THREADS
@@ -124,6 +182,29 @@ rule make_pseudo_masks:
     shell:
         "python -m pnoc.affinity.make_pseudo_masks {params.data} --split {wildcards.split:q} --rw-dir {input.rw:q}"
         " --out-dir {output.masks:q} --threads {threads} {params.args} {params.saliency} 2> {log:q}"
+
+
+if SHARDS > 1:
+
+    localrules:
+        gather_pseudo_masks,
+
+    rule gather_pseudo_masks:
+        """The pseudo masks of a split, put together from the shard folders of make_pseudo_masks (pnoc.shards)."""
+        input:
+            shards=shard_dirs(PSEUDO_MASKS_OUT),
+        output:
+            masks=directory(PSEUDO_MASKS_OUT),
+        log:
+            f"{RESULTS}/logs/gather_pseudo_masks/{{chain}}-seed{{seed}}-{{split}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.masks:q} --shards {input.shards:q} 2> {log:q}"
 
 
 rule evaluate_masks:

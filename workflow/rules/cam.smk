@@ -7,6 +7,8 @@ rule pretrain_backbone:
         weights=PRETRAIN_WEIGHTS,
         metrics=f"{RESULTS}/pretrain/metrics.json",
     params:
+        launch=launch("pretrain_backbone"),
+        sync_bn=SYNC_BN,
         args=flags(config["pretrain"]),
         state=state_dir("pretrain"),
         device=config["device"],
@@ -17,13 +19,14 @@ rule pretrain_backbone:
         ENV
     threads: THREADS
     resources:
-        gpu=GPU,
-        mem_mb=mem_train,
+        gpu=train_gpus("pretrain_backbone"),
+        tasks_per_gpu=0,
+        mem_mb=mem_train("pretrain_backbone"),
         runtime=runtime_train,
     shell:
-        "python -m pnoc.cam.pretrain_backbone --out {output.weights:q} --metrics {output.metrics:q}"
+        "{params.launch} -m pnoc.cam.pretrain_backbone --out {output.weights:q} --metrics {output.metrics:q}"
         " --state-dir {params.state:q} --device {params.device:q} --num-workers {params.workers:q}"
-        " --threads {threads} {params.args} 2> {log:q}"
+        " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
 
 
 rule train_classifier:
@@ -34,6 +37,8 @@ rule train_classifier:
         model=f"{RESULTS}/classifier/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/classifier/seed{{seed}}/metrics.json",
     params:
+        launch=launch("train_classifier"),
+        sync_bn=SYNC_BN,
         data=dataset_args(),
         split=DATASET["train_split"],
         val=DATASET["val_split"],
@@ -47,14 +52,18 @@ rule train_classifier:
         ENV
     threads: THREADS
     resources:
-        gpu=GPU,
-        mem_mb=mem_train,
+        gpu=train_gpus("train_classifier"),
+        tasks_per_gpu=0,
+        mem_mb=mem_train("train_classifier"),
         runtime=runtime_train,
     shell:
-        "python -m pnoc.cam.train_classifier {params.data} --split {params.split:q} --val-split {params.val:q}"
+        "{params.launch} -m pnoc.cam.train_classifier {params.data} --split {params.split:q} --val-split {params.val:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
         " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
-        " --threads {threads} {params.args} 2> {log:q}"
+        " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
+
+
+CAMS_OUT = f"{RESULTS}/cams/{{variant}}/seed{{seed}}/{{split}}"
 
 
 rule infer_cams:
@@ -62,13 +71,13 @@ rule infer_cams:
         dataset_inputs(split="images"),
         model=cam_model,
     output:
-        cams=directory(f"{RESULTS}/cams/{{variant}}/seed{{seed}}/{{split}}"),
+        cams=sharded(CAMS_OUT),
     params:
         data=dataset_args(),
-        args=flags(config["inference"]),
+        args=shard_args(flags(config["inference"])),
         device=config["device"],
     log:
-        f"{RESULTS}/logs/infer_cams/{{variant}}-seed{{seed}}-{{split}}.log",
+        sharded_log(f"{RESULTS}/logs/infer_cams/{{variant}}-seed{{seed}}-{{split}}.log"),
     conda:
         ENV
     threads: THREADS
@@ -79,6 +88,29 @@ rule infer_cams:
     shell:
         "python -m pnoc.cam.infer_cams {params.data} --split {wildcards.split:q} --model {input.model:q}"
         " --out-dir {output.cams:q} --device {params.device:q} --threads {threads} {params.args} 2> {log:q}"
+
+
+if SHARDS > 1:
+
+    localrules:
+        gather_cams,
+
+    rule gather_cams:
+        """The CAM folder of a split, put together from the shard folders of infer_cams (pnoc.shards)."""
+        input:
+            shards=shard_dirs(CAMS_OUT),
+        output:
+            cams=directory(CAMS_OUT),
+        log:
+            f"{RESULTS}/logs/gather_cams/{{variant}}-seed{{seed}}-{{split}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.cams:q} --shards {input.shards:q} 2> {log:q}"
 
 
 rule evaluate_priors:
@@ -114,6 +146,8 @@ rule train_cam:
         model=f"{RESULTS}/cam/{{variant}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/cam/{{variant}}/seed{{seed}}/metrics.json",
     params:
+        launch=launch("train_cam"),
+        sync_bn=SYNC_BN,
         data=dataset_args(),
         split=DATASET["train_split"],
         eval_split=DATASET["eval_split"],
@@ -130,15 +164,16 @@ rule train_cam:
         ENV
     threads: THREADS
     resources:
-        gpu=GPU,
-        mem_mb=mem_train,
+        gpu=train_gpus("train_cam"),
+        tasks_per_gpu=0,
+        mem_mb=mem_train("train_cam"),
         runtime=runtime_train,
     shell:
-        "python -m pnoc.cam.train_cam {params.data} --split {params.split:q} --eval-split {params.eval_split:q}"
+        "{params.launch} -m pnoc.cam.train_cam {params.data} --split {params.split:q} --eval-split {params.eval_split:q}"
         " --classifier {input.classifier:q} --strategy {params.strategy:q} --label-smoothing {params.ls:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
         " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
-        " --threads {threads} {params.arch} {params.args} 2> {log:q}"
+        " --threads {threads} --sync-bn {params.sync_bn:q} {params.arch} {params.args} 2> {log:q}"
 
 
 rule priors_table:

@@ -15,6 +15,7 @@ wildcard_constraints:
     seed=r"\d+",
     split=r"[A-Za-z0-9_]+",
     variant=r"[a-z0-9_]+",
+    shard=r"\d+of\d+",
 
 
 def flags(section, exclude=()):
@@ -134,10 +135,6 @@ def state_dir(*parts):
     return os.path.join(RESULTS, ".state", *map(str, parts))
 
 
-def mem_train(wildcards, attempt):
-    return config["resources"]["train_mem_mb"] * attempt
-
-
 def mem_infer(wildcards, attempt):
     return config["resources"]["infer_mem_mb"] * attempt
 
@@ -151,8 +148,106 @@ def runtime_infer(wildcards, attempt):
 
 
 GPU = config["resources"]["gpu"]
+# Training jobs: N processes (one per GPU) in ONE task. torchrun starts the N ranks itself, so SLURM must
+# start a single task: tasks_per_gpu=0 keeps the SLURM plugin from adding --ntasks-per-gpu (it maps a
+# `tasks` resource to --ntasks-per-gpu on GPU jobs, which would start N copies of torchrun).
+SYNC_BN = "true" if config["resources"]["sync_bn"] else "false"
+# training rule -> its config section (the section's batch_size is the global batch of the rule's processes)
+TRAIN_SECTIONS = {
+    "pretrain_backbone": ("pretrain", config["pretrain"]),
+    "train_classifier": ("classifier", config["classifier"]),
+    "train_cam": ("cam", config["cam"]),
+    "train_ccam": ("saliency.ccam", config["saliency"]["ccam"]),
+    "train_poolnet": ("saliency.poolnet", config["saliency"]["poolnet"]),
+    "train_affinity": ("affinity.train", config["affinity"]["train"]),
+    "train_segmentation": ("segmentation", config["segmentation"]),
+}
+
+
+def gpus_per_job(rule):
+    """Processes of a training rule: resources.gpus_per_rule[rule], else resources.gpus_per_job."""
+    res = config["resources"]
+    return res.get("gpus_per_rule", {}).get(rule, res["gpus_per_job"])
+
+
+def launch(rule):
+    """The launcher of a training rule's shell line: ``python``, or ``torchrun`` for N > 1 processes."""
+    n = gpus_per_job(rule)
+    return "python" if n == 1 else f"torchrun --standalone --nproc_per_node {n}"
+
+
+def train_gpus(rule):
+    """GPUs a training job asks for: its processes x resources.gpu (0 on a CPU-only cluster: gloo processes)."""
+    return GPU * gpus_per_job(rule)
+
+
+def mem_train(rule):
+    """Memory request of a training job, e.g. ``mem_mb=mem_train("train_cam")``. Per process; grows per retry."""
+    return lambda wildcards, attempt: config["resources"]["train_mem_mb"] * gpus_per_job(rule) * attempt
+
+
+def check_global_batches():
+    """Every training section's batch_size (the global batch) splits over resources.gpus_per_job processes.
+
+    Raises:
+        ValueError: naming the section's key and the value to change, when the Snakefile is parsed (before
+            any job starts; the stages check it again for direct use).
+    """
+    pretrained = any(str(sec.get("weights")) == "generic" for _, sec in TRAIN_SECTIONS.values())
+    for job, (name, section) in TRAIN_SECTIONS.items():
+        if not pretrained and job == "pretrain_backbone":
+            continue  # rule pretrain_backbone is not part of this workflow
+        batch, n = section["batch_size"], gpus_per_job(job)
+        if batch % n:
+            key = f"resources.gpus_per_rule.{job}" if job in config["resources"].get("gpus_per_rule", {}) \
+                else "resources.gpus_per_job"
+            raise ValueError(
+                f"{name}.batch_size={batch} is not divisible by {key}={n} (for {job}); batch_size is the "
+                f"global batch of one step over all GPUs; make it a multiple of {n}, or give {job} another "
+                f"count in resources.gpus_per_rule"
+            )
+
+
 # CPU threads of a compute-heavy job (torch intra-op threads, per-image worker processes)
 THREADS = config["resources"]["threads"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded inference (resources.shards = K; pnoc/shards.py). With K = 1 the helpers below return their
+# argument unchanged, so the rules, their outputs and their recorded params are those of an unsharded run.
+# With K > 1 a per-image rule (infer_cams, ...) runs once per shard 1ofK .. KofK and its gather rule
+# (gather_cams, ..., defined beside it under `if SHARDS > 1`) writes the folder the consumers read.
+
+SHARDS = config["resources"]["shards"]
+
+
+def sharded(path):
+    """Output folder of a per-image rule: ``directory(path)``, or with K > 1 the shard folder
+    ``<path>.shards/{shard}``, temporary (deleted once gathered: the gathered files are hard links)."""
+    if SHARDS == 1:
+        return directory(path)
+    return temp(directory(f"{path}.shards/{{shard}}"))
+
+
+def shard_dirs(path):
+    """Input of a gather rule: the K shard folders of ``path`` (its other wildcards are the job's)."""
+    return expand(f"{path}.shards/{{shard}}", shard=[f"{k}of{SHARDS}" for k in range(1, SHARDS + 1)],
+                  allow_missing=True)
+
+
+def sharded_log(path):
+    """Log of a per-image rule: ``path``, or with K > 1 one log per shard (``<name>-{shard}.log``)."""
+    if SHARDS == 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{{shard}}{ext}"
+
+
+def shard_args(args):
+    """Flags of a per-image rule (a string or a function of the wildcards), with K > 1 plus ``--shard {shard}``."""
+    if SHARDS == 1:
+        return args
+    return lambda wildcards: f"{args(wildcards) if callable(args) else args} --shard {wildcards.shard}"
 
 
 def cam_model(wildcards):

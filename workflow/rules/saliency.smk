@@ -46,6 +46,8 @@ rule train_ccam:
     wildcard_constraints:
         method=r"c2amh?",
     params:
+        launch=launch("train_ccam"),
+        sync_bn=SYNC_BN,
         data=dataset_args(),
         split=DATASET["train_split"],
         fg=SAL["fg_threshold"],
@@ -61,15 +63,20 @@ rule train_ccam:
         ENV
     threads: THREADS
     resources:
-        gpu=GPU,
-        mem_mb=mem_train,
+        gpu=train_gpus("train_ccam"),
+        tasks_per_gpu=0,
+        mem_mb=mem_train("train_ccam"),
         runtime=runtime_train,
     shell:
-        "python -m pnoc.saliency.train_ccam {params.data} --split {params.split:q} --method {wildcards.method:q}"
+        "{params.launch} -m pnoc.saliency.train_ccam {params.data} --split {params.split:q} --method {wildcards.method:q}"
         " --hints {input.hints:q} {params.classifier} --fg-threshold {params.fg:q} --bg-threshold {params.bg:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
         " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
-        " --threads {threads} {params.args} 2> {log:q}"
+        " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
+
+
+SALIENCY_RAW_OUT = f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/raw"
+SALIENCY_PSEUDO_OUT = f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/pseudo"
 
 
 rule infer_saliency:
@@ -77,16 +84,16 @@ rule infer_saliency:
         dataset_inputs(split="images"),
         model=f"{RESULTS}/ccam/{{method}}/seed{{seed}}/model.pt",
     output:
-        raw=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/raw"),
-        pseudo=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/pseudo"),
+        raw=sharded(SALIENCY_RAW_OUT),
+        pseudo=sharded(SALIENCY_PSEUDO_OUT),
     wildcard_constraints:
         method=r"c2amh?",
     params:
         data=dataset_args(),
-        args=flags(SAL["inference"]),
+        args=shard_args(flags(SAL["inference"])),
         device=config["device"],
     log:
-        f"{RESULTS}/logs/infer_saliency/{{method}}-seed{{seed}}-{{split}}.log",
+        sharded_log(f"{RESULTS}/logs/infer_saliency/{{method}}-seed{{seed}}-{{split}}.log"),
     conda:
         ENV
     threads: THREADS
@@ -98,6 +105,51 @@ rule infer_saliency:
         "python -m pnoc.saliency.infer_saliency {params.data} --split {wildcards.split:q} --model {input.model:q}"
         " --raw-dir {output.raw:q} --pseudo-dir {output.pseudo:q} --device {params.device:q}"
         " --threads {threads} {params.args} 2> {log:q}"
+
+
+if SHARDS > 1:
+
+    localrules:
+        gather_saliency_raw,
+        gather_saliency_pseudo,
+
+    rule gather_saliency_raw:
+        """The raw C2AM maps of a split, put together from the shard folders of infer_saliency (pnoc.shards)."""
+        input:
+            shards=shard_dirs(SALIENCY_RAW_OUT),
+        output:
+            raw=directory(SALIENCY_RAW_OUT),
+        wildcard_constraints:
+            method=r"c2amh?",
+        log:
+            f"{RESULTS}/logs/gather_saliency_raw/{{method}}-seed{{seed}}-{{split}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.raw:q} --shards {input.shards:q} 2> {log:q}"
+
+    rule gather_saliency_pseudo:
+        """The pseudo-saliency masks of a split, put together from the shard folders of infer_saliency."""
+        input:
+            shards=shard_dirs(SALIENCY_PSEUDO_OUT),
+        output:
+            pseudo=directory(SALIENCY_PSEUDO_OUT),
+        wildcard_constraints:
+            method=r"c2amh?",
+        log:
+            f"{RESULTS}/logs/gather_saliency_pseudo/{{method}}-seed{{seed}}-{{split}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.pseudo:q} --shards {input.shards:q} 2> {log:q}"
 
 
 rule train_poolnet:
@@ -112,6 +164,8 @@ rule train_poolnet:
     wildcard_constraints:
         method=r"c2amh?",
     params:
+        launch=launch("train_poolnet"),
+        sync_bn=SYNC_BN,
         data=dataset_args(),
         split=DATASET["train_split"],
         classifier=saliency_classifier_flag("poolnet"),
@@ -125,14 +179,18 @@ rule train_poolnet:
         ENV
     threads: THREADS
     resources:
-        gpu=GPU,
-        mem_mb=mem_train,
+        gpu=train_gpus("train_poolnet"),
+        tasks_per_gpu=0,
+        mem_mb=mem_train("train_poolnet"),
         runtime=runtime_train,
     shell:
-        "python -m pnoc.saliency.train_poolnet {params.data} --split {params.split:q} --masks {input.masks:q}"
+        "{params.launch} -m pnoc.saliency.train_poolnet {params.data} --split {params.split:q} --masks {input.masks:q}"
         " {params.classifier} --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
         " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
-        " --threads {threads} {params.args} 2> {log:q}"
+        " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
+
+
+POOLNET_OUT = f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/poolnet"
 
 
 rule infer_poolnet:
@@ -140,15 +198,15 @@ rule infer_poolnet:
         dataset_inputs(split="images"),
         model=f"{RESULTS}/poolnet/{{method}}/seed{{seed}}/model.pt",
     output:
-        maps=directory(f"{RESULTS}/saliency/{{method}}/seed{{seed}}/{{split}}/poolnet"),
+        maps=sharded(POOLNET_OUT),
     wildcard_constraints:
         method=r"c2amh?",
     params:
         data=dataset_args(),
-        args=flags({"flip": SAL["poolnet"]["flip"], "batch_size": SAL["inference"]["batch_size"]}),
+        args=shard_args(flags({"flip": SAL["poolnet"]["flip"], "batch_size": SAL["inference"]["batch_size"]})),
         device=config["device"],
     log:
-        f"{RESULTS}/logs/infer_poolnet/{{method}}-seed{{seed}}-{{split}}.log",
+        sharded_log(f"{RESULTS}/logs/infer_poolnet/{{method}}-seed{{seed}}-{{split}}.log"),
     conda:
         ENV
     threads: THREADS
@@ -159,6 +217,31 @@ rule infer_poolnet:
     shell:
         "python -m pnoc.saliency.infer_poolnet {params.data} --split {wildcards.split:q} --model {input.model:q}"
         " --out-dir {output.maps:q} --device {params.device:q} --threads {threads} {params.args} 2> {log:q}"
+
+
+if SHARDS > 1:
+
+    localrules:
+        gather_poolnet,
+
+    rule gather_poolnet:
+        """The PoolNet saliency maps of a split, put together from the shard folders of infer_poolnet."""
+        input:
+            shards=shard_dirs(POOLNET_OUT),
+        output:
+            maps=directory(POOLNET_OUT),
+        wildcard_constraints:
+            method=r"c2amh?",
+        log:
+            f"{RESULTS}/logs/gather_poolnet/{{method}}-seed{{seed}}-{{split}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.maps:q} --shards {input.shards:q} 2> {log:q}"
 
 
 rule evaluate_saliency:

@@ -21,6 +21,8 @@ rule train_segmentation:
     wildcard_constraints:
         variant=SEGMENTATION_VARIANTS,
     params:
+        launch=launch("train_segmentation"),
+        sync_bn=SYNC_BN,
         data=dataset_args(),
         split=DATASET["train_split"],
         arch=lambda w: segmentation_arch(w.variant),
@@ -36,15 +38,19 @@ rule train_segmentation:
         ENV
     threads: THREADS
     resources:
-        gpu=GPU,
-        mem_mb=mem_train,
+        gpu=train_gpus("train_segmentation"),
+        tasks_per_gpu=0,
+        mem_mb=mem_train("train_segmentation"),
         runtime=runtime_train,
     shell:
-        "python -m pnoc.segmentation.train_segmentation {params.data} --split {params.split:q} --variant {wildcards.variant:q}"
+        "{params.launch} -m pnoc.segmentation.train_segmentation {params.data} --split {params.split:q} --variant {wildcards.variant:q}"
         " --arch {params.arch} --masks-dir {params.masks:q} {params.init}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
         " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
-        " --threads {threads} {params.args} 2> {log:q}"
+        " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
+
+
+SEGMENTATION_MASKS_OUT = f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/masks"
 
 
 rule infer_segmentation:
@@ -52,15 +58,15 @@ rule infer_segmentation:
         dataset_inputs(split="images"),
         model=f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/model.pt",
     output:
-        masks=directory(f"{RESULTS}/segmentation/{{variant}}/seed{{seed}}/{{split}}/masks"),
+        masks=sharded(SEGMENTATION_MASKS_OUT),
     wildcard_constraints:
         variant=SEGMENTATION_VARIANTS,
     params:
         data=dataset_args(),
-        args=flags({k: SEG[k] for k in SEG_INFER_KEYS}),
+        args=shard_args(flags({k: SEG[k] for k in SEG_INFER_KEYS})),
         device=config["device"],
     log:
-        f"{RESULTS}/logs/infer_segmentation/{{variant}}-seed{{seed}}-{{split}}.log",
+        sharded_log(f"{RESULTS}/logs/infer_segmentation/{{variant}}-seed{{seed}}-{{split}}.log"),
     conda:
         ENV
     threads: THREADS
@@ -71,6 +77,31 @@ rule infer_segmentation:
     shell:
         "python -m pnoc.segmentation.infer_segmentation {params.data} --split {wildcards.split:q} --model {input.model:q}"
         " --out-dir {output.masks:q} --device {params.device:q} --threads {threads} {params.args} 2> {log:q}"
+
+
+if SHARDS > 1:
+
+    localrules:
+        gather_segmentation,
+
+    rule gather_segmentation:
+        """The predicted masks of a split (and VOC submission), put together from the shard folders of infer_segmentation."""
+        input:
+            shards=shard_dirs(SEGMENTATION_MASKS_OUT),
+        output:
+            masks=directory(SEGMENTATION_MASKS_OUT),
+        wildcard_constraints:
+            variant=SEGMENTATION_VARIANTS,
+        log:
+            f"{RESULTS}/logs/gather_segmentation/{{variant}}-seed{{seed}}-{{split}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        shell:
+            "python -m pnoc.shards --out {output.masks:q} --shards {input.shards:q} 2> {log:q}"
 
 
 rule evaluate_segmentation:
