@@ -127,6 +127,17 @@ def _classifier(tmp: Path, voc: list[str], procs: int, epochs: int = 2, tag: str
     return out / "model.pt", json.loads((out / "metrics.json").read_text())
 
 
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory, voc):
+    """The classifier trained with 1 process and with 2 (same global batch, BN frozen), EPOCHS epochs each;
+    shared by the equality, P-NOC and resume tests."""
+    tmp = tmp_path_factory.mktemp("classifiers")
+    return {procs: _classifier(tmp, voc, procs, epochs=EPOCHS) for procs in (1, 2)}
+
+
 def _max_diff(a: Path, b: Path) -> float:
     sa, sb = safe_load(a)["model"], safe_load(b)["model"]
     assert sa.keys() == sb.keys()
@@ -134,10 +145,9 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 @pytest.mark.slow
-def test_classifier_two_processes_equal_one(tmp_path, voc):
+def test_classifier_two_processes_equal_one(classifiers):
     """Same global batch (4 = 2 ranks x 2): same losses and weights to float tolerance."""
-    m1, log1 = _classifier(tmp_path, voc, 1)
-    m2, log2 = _classifier(tmp_path, voc, 2)
+    (m1, log1), (m2, log2) = classifiers[1], classifiers[2]
     assert log1["processes"] == 1 and log2["processes"] == 2
     for e1, e2 in zip(log1["epochs"], log2["epochs"]):
         assert e2["loss"] == pytest.approx(e1["loss"], rel=1e-4, abs=1e-6)
@@ -148,9 +158,9 @@ def test_classifier_two_processes_equal_one(tmp_path, voc):
 
 
 @pytest.mark.slow
-def test_pnoc_two_processes_equal_one(tmp_path, voc):
+def test_pnoc_two_processes_equal_one(tmp_path, voc, classifiers):
     """P-NOC: f (Puzzle + CSE through noc) and noc's own hard-masked step, 1 process vs 2 ranks."""
-    clf, _ = _classifier(tmp_path, voc, 1, epochs=1)
+    clf, _ = classifiers[1]
     outs = {}
     for procs in (1, 2):
         out = tmp_path / f"pnoc{procs}"
@@ -184,11 +194,11 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_two_process_run_resumes_exactly(tmp_path, voc):
+def test_killed_two_process_run_resumes_exactly(tmp_path, voc, classifiers):
     """SIGKILL of torchrun and both ranks after the first epoch's checkpoint; the rerun resumes from it and
     ends with the weights of an uninterrupted two-process run."""
-    epochs = 4
-    ref, _ = _classifier(tmp_path, voc, 2, epochs=epochs, tag="ref")
+    epochs = EPOCHS
+    ref, _ = classifiers[2]
     out = tmp_path / "killed"
     args = [*voc, *TINY, "--epochs", str(epochs), "--out", str(out / "model.pt"), "--metrics",
             str(out / "metrics.json"), "--state-dir", str(out / "state")]
@@ -229,27 +239,31 @@ def _status(pid: int) -> str:
         return ""
 
 
-@pytest.mark.slow
-def test_more_processes_than_visible_gpus_fails_before_training(tmp_path, voc):
-    out = tmp_path / "toomany"
-    env = _env()
-    env["CUDA_VISIBLE_DEVICES"] = "0"  # one GPU granted to the job, two processes asked for
-    p = subprocess.run(_launch("pnoc.cam.train_classifier", [*voc, *TINY, "--epochs", "1", "--out",
-                                                            str(out / "model.pt"), "--metrics", str(out / "m.json"),
-                                                            "--state-dir", str(out / "state")], 2),
-                       env=env, capture_output=True, text=True, timeout=180)
-    assert p.returncode != 0
-    assert "resources.gpus_per_job=2 processes but only 1 GPU(s) are visible" in p.stderr
-    assert not (out / "state").exists() and not (out / "model.pt").exists()
+def test_more_processes_than_visible_gpus_fails_before_the_process_group(monkeypatch):
+    """What a torchrun rank sees in a SLURM job that granted one GPU for two processes."""
+    from pnoc.distributed import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(DataError, match=r"resources.gpus_per_job=2 processes but only 1 GPU\(s\) are visible"):
+        setup("auto")
+    assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.slow
-def test_global_batch_not_divisible_fails_before_training(tmp_path, voc):
-    out = tmp_path / "odd"
-    args = [*voc, *TINY[:-4], "--batch-size", "3", "--threads", "1", "--epochs", "1", "--out", str(out / "model.pt"),
-            "--metrics", str(out / "m.json"), "--state-dir", str(out / "state")]
-    p = subprocess.run(_launch("pnoc.cam.train_classifier", args, 2), env=_env(), capture_output=True, text=True,
-                       timeout=180)
-    assert p.returncode != 0
-    assert "batch_size=3 is not divisible by resources.gpus_per_job=2" in p.stderr
-    assert not (out / "model.pt").exists()
+def test_global_batch_not_divisible_fails_before_training(monkeypatch):
+    """start_training checks the stage's batch_size against the process count before any model exists."""
+    from dataclasses import dataclass
+
+    import pnoc.distributed as d
+    from pnoc.training import Runtime, Solver, start_training
+
+    @dataclass
+    class Cfg(Solver, Runtime):
+        pass
+
+    # a rank of a 2-process run, without starting the process group
+    monkeypatch.setattr(d, "setup", lambda device: Distributed(world=2))
+    with pytest.raises(DataError, match=r"batch_size=3 is not divisible by resources.gpus_per_job=2"):
+        start_training(Cfg(batch_size=3))
+    assert start_training(Cfg(batch_size=4)).per_rank(4) == 2
