@@ -51,9 +51,14 @@ def launched_world() -> int:
         return 1
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of an epoch's data order and RNG streams: a function of (seed, epoch) only."""
+    return seed * 100003 + epoch
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of one training item's augmentation: a function of (seed, epoch, dataset index) only."""
-    return (((seed * 100003 + epoch) * 1_000_003) + index) % (2**63 - 1)
+    return (epoch_seed(seed, epoch) * 1_000_003 + index) % (2**63 - 1)
 
 
 @contextlib.contextmanager
@@ -96,7 +101,7 @@ class GlobalBatchSampler(Sampler):
         n: dataset length.
         batch_size: global batch (images of one forward step over all ranks).
         rank, world: this process and the process count; ``batch_size % world == 0``.
-        seed, epoch: the permutation is ``randperm(n)`` of a generator seeded with ``seed * 100003 + epoch``.
+        seed, epoch: the permutation is ``randperm(n)`` of a generator seeded with :func:`epoch_seed`.
         drop_last: drop the last incomplete global batch (kept when the dataset is smaller than one batch).
         shuffle: False keeps the dataset order.
 
@@ -120,7 +125,7 @@ class GlobalBatchSampler(Sampler):
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator()
-        g.manual_seed(self.seed * 100003 + self.epoch)
+        g.manual_seed(epoch_seed(self.seed, self.epoch))
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):
@@ -192,7 +197,7 @@ class Distributed:
         sampler = GlobalBatchSampler(len(dataset), batch_size, self.rank, self.world, seed, epoch, drop_last,
                                      shuffle)
         g = torch.Generator()  # the workers' base seed; items are seeded by the sampler anyway
-        g.manual_seed(seed * 100003 + epoch)
+        g.manual_seed(epoch_seed(seed, epoch))
         return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=g,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 

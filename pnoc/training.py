@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from pnoc.data.transforms import AugmentConfig, Augmenter
+from pnoc.distributed import epoch_seed
 from pnoc.io import DataError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100003 + epoch
 
 
 # ---------------------------------------------------------------------------- optimisation
