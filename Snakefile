@@ -45,4 +45,5 @@ rule all:
         f"{RESULTS}/summary.json",
         report_targets(),
         benchmark_tables(),
+        walk_share_targets(),
     default_target: True

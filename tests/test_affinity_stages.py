@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pnoc.affinity import (evaluate_masks, make_affinity_labels, make_pseudo_masks, masks_table, propagate,
-                           train_affinity)
+                           train_affinity, walk_share)
 from pnoc.affinity.random_walk import propagate_cams
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import DataError, load_maps, read_mask, save_maps, write_gray, write_image, write_json, write_mask
@@ -362,3 +362,59 @@ def test_affinity_rules_smoke(smoke_run):
             m = json.loads((res / "pseudo_masks" / f"pnoc_ls+{method}" / "seed0" / split / "metrics.json").read_text())
             assert 0.0 < m["miou"] <= 1.0 and "prior_miou" in m
         assert (res / "affinity_labels" / f"pnoc_ls+{method}" / "seed0" / "train" / "summary.json").is_file()
+
+
+# ------------------------------------------------------------------------------ the walk's share
+def test_gt_boundary_exact():
+    """A stride-4 cell is boundary when its 4×4 block holds two labels; void counts as background."""
+    gt = np.zeros((10, 12), np.uint8)
+    gt[0:4, 4:8] = 1      # fills cell (0, 1) exactly: no boundary
+    gt[4:6, 0:12] = 2     # half of row 1 of cells: boundary everywhere in that row
+    gt[8:10, 8:12] = 255  # void in the padded last row: background, no boundary
+    b = walk_share.gt_boundary(gt, (3, 3))
+    assert b.dtype == np.float32
+    assert b.tolist() == [[0, 0, 0], [1, 1, 1], [0, 0, 0]]
+    gt[9, 0] = 1          # one pixel of class 1 in the padded last row of cells
+    assert walk_share.gt_boundary(gt, (3, 3))[2].tolist() == [1, 0, 0]
+
+
+def test_walk_share_exact(tmp_path, mini):
+    """Prior vs RW, thresholds chosen on val: exact mIoUs without the dCRF, the chosen thresholds, the share."""
+    masks, labels = gt_masks()
+    make_mini(mini, masks, labels, split="val")  # val = the same two images (same drawing seed)
+    prior, rw = tmp_path / "prior", tmp_path / "rw"
+    p0 = np.zeros((1, H, W), np.float32)
+    p0[0, 4:10, 4:16] = 0.6  # the prior finds the top half of the object
+    r0 = np.full((1, H, W), 0.1, np.float32)
+    r0[0, 4:16, 4:16] = 1.0  # the walk fills it; background at 0.1
+    exact = np.zeros((2, H, W), np.float32)
+    exact[0][masks["img1"] == 1] = 0.9
+    exact[1][masks["img1"] == 2] = 0.9
+    for folder, m0 in ((prior, p0), (rw, r0)):
+        write_cams(folder, "img0", m0, [1])
+        write_cams(folder, "img1", exact, [1, 2])
+    out = tmp_path / "share" / "metrics.json"
+    m = walk_share.run(walk_share.Config("synthetic", mini, "val", "train", prior, prior, rw, rw, out,
+                                         crf_t=1, threads=1))
+    cells = {(c["maps"], c["dcrf"]): c for c in m["cells"]}
+    # prior: 72 of img0's 144 class-1 pixels missed; every threshold below 0.6 ties, the first (0.05) is kept
+    bg_gt = (H * W - 144) + (H * W - W - 256 - 16)
+    prior_miou = (bg_gt / (bg_gt + 72) + (72 + 16) / (144 + 16) + 1.0) / 3
+    assert cells["prior", False]["threshold"] == pytest.approx(0.05)
+    assert cells["prior", False]["val_miou"] == pytest.approx(prior_miou)
+    assert cells["prior", False]["train_miou"] == pytest.approx(prior_miou)
+    # RW: perfect from the threshold 0.1 on (a tie at 0.1 goes to the background)
+    assert cells["rw", False]["threshold"] == pytest.approx(0.1)
+    assert cells["rw", False]["train_miou"] == pytest.approx(1.0)
+    assert m["share"]["rw_minus_prior"] == pytest.approx(1.0 - prior_miou)
+    assert m["share"]["rw_crf_minus_prior_crf"] == pytest.approx(
+        cells["rw", True]["train_miou"] - cells["prior", True]["train_miou"])
+    assert len(cells["rw", True]["sweep"]) == 16 and 0 < cells["rw", True]["train_miou"] <= 1
+    assert json.loads(out.read_text())["stage"] == "walk_share" and out.with_suffix(".md").is_file()
+    # the walk over the ground-truth boundary: present, scored, and its share reported
+    assert 0 < cells["rw_gt_boundary", False]["train_miou"] <= 1
+    assert m["share"]["gt_boundary_rw_minus_prior"] == pytest.approx(
+        cells["rw_gt_boundary", False]["train_miou"] - prior_miou)
+    (rw / "img1.npz").unlink()
+    with pytest.raises(DataError, match="img1.*random-walk maps missing"):
+        walk_share.run(walk_share.Config("synthetic", mini, "val", "train", prior, prior, rw, rw, out, threads=1))

@@ -61,6 +61,7 @@ def test_stage_writes_the_premises_table(tiny):
     assert out["recall_trials"]["object_erased"] == out["positives"]
     table = (tiny / "b.md").read_text()
     assert "whole object erased (context only)" in table and "tiles holding body only" in table
+    assert 0.0 < out["object_pixels_near_edge"] <= 1.0 and "one stride-4 cell" in table
 
 
 @pytest.mark.parametrize("yes, expect", [(True, 1.0), (False, 0.0)])

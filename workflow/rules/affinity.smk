@@ -251,5 +251,40 @@ rule masks_table:
         " && cat {output.md:q}"
 
 
+rule walk_share:
+    """The walk's own share: prior vs random walk, each with and without the dCRF of the pseudo masks, every
+    background threshold chosen on the val split and scored on the evaluated split, beside the walk over the
+    ground-truth boundary (its ceiling at the stride-4 grid; pnoc.affinity.walk_share)."""
+    input:
+        dataset_inputs(images=[DATASET["val_split"], DATASET["eval_split"]], masks=[DATASET["val_split"], DATASET["eval_split"]]),
+        prior_select=lambda w: f"{RESULTS}/cams/{chain_prior(w)}/seed{w.seed}/{DATASET['val_split']}",
+        prior_eval=lambda w: f"{RESULTS}/cams/{chain_prior(w)}/seed{w.seed}/{DATASET['eval_split']}",
+        rw_select=f"{RESULTS}/rw/{{chain}}/seed{{seed}}/{DATASET['val_split']}",
+        rw_eval=f"{RESULTS}/rw/{{chain}}/seed{{seed}}/{DATASET['eval_split']}",
+    output:
+        metrics=f"{RESULTS}/walk_share/{{chain}}/seed{{seed}}/metrics.json",
+        table=f"{RESULTS}/walk_share/{{chain}}/seed{{seed}}/metrics.md",
+    params:
+        data=dataset_args(),
+        select=DATASET["val_split"],
+        eval=DATASET["eval_split"],
+        args=flags({**{k: config["priors"][k] for k in ("th_min", "th_max", "th_step")},
+                    "crf_t": AFF["masks"]["crf_t"], "crf_gt_prob": AFF["masks"]["crf_gt_prob"],
+                    **{k: AFF["rw"][k] for k in ("radius", "beta", "exp_times")}}),
+    log:
+        f"{RESULTS}/logs/walk_share/{{chain}}-seed{{seed}}.log",
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=mem_infer,
+        runtime=runtime_infer,
+    shell:
+        "python -m pnoc.affinity.walk_share {params.data} --select-split {params.select:q} --eval-split {params.eval:q}"
+        " --prior-select {input.prior_select:q} --prior-eval {input.prior_eval:q} --rw-select {input.rw_select:q}"
+        " --rw-eval {input.rw_eval:q} --variant {wildcards.chain:q} --out {output.metrics:q} --threads {threads}"
+        " {params.args} 2> {log:q}"
+
+
 # the default chain's pseudo masks (eval and val splits) go into results/summary.json
 SUMMARY_EXTRA.extend(mask_metrics([CHAIN_MASKS], seeds=[SEED0]))

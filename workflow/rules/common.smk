@@ -466,6 +466,11 @@ AFF_TRAIN_SPLIT = DATASET["train_split"]
 CHAIN_MASKS = f"{config['cam']['variant']}+{AFF['method']}"
 
 
+def walk_share_targets():
+    """The walk's share of the chain's own masks (first seed), requested by the default target."""
+    return [f"{RESULTS}/walk_share/{CHAIN_MASKS}/seed{SEED0}/metrics.json"]
+
+
 def chain_prior(wildcards):
     return wildcards.chain.split("+")[0]
 
