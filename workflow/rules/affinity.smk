@@ -268,8 +268,9 @@ rule walk_share:
         data=dataset_args(),
         select=DATASET["val_split"],
         eval=DATASET["eval_split"],
-        args=flags({**{k: config["priors"][k] for k in ("th_min", "th_max", "th_step")},
-                    "crf_t": AFF["masks"]["crf_t"], "crf_gt_prob": AFF["masks"]["crf_gt_prob"],
+        # the threshold grid is walk_share's own (0.05-0.80 by 0.05): borrowing the priors' keys would make a change of
+        # the priors' sweep rerun this job, which does not descend from evaluate_priors
+        args=flags({"crf_t": AFF["masks"]["crf_t"], "crf_gt_prob": AFF["masks"]["crf_gt_prob"],
                     **{k: AFF["rw"][k] for k in ("radius", "beta", "exp_times")}}),
     log:
         f"{RESULTS}/logs/walk_share/{{chain}}-seed{{seed}}.log",
