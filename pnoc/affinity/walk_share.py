@@ -15,8 +15,8 @@ ground-truth boundary instead of AffinityNet's (:func:`gt_boundary`): it says ho
 boundary network could add at this grid resolution, so a walk below its prior can be told apart
 from a walk that has nothing to gain (objects only a few cells wide). A mask
 is the argmax over ``[threshold, maps...]`` (ties to the background), optionally refined by the
-label dCRF of the chain's pseudo masks (:func:`pnoc.crf.crf_label`, ``affinity.masks.crf_t`` /
-``crf_gt_prob``), exactly what rule make_pseudo_masks does with the RW maps.
+label dCRF of the chain's pseudo masks (``affinity.masks.crf_t`` / ``crf_gt_prob``): the masks are made by
+:func:`pnoc.affinity.make_pseudo_masks.pseudo_mask`, the function rule make_pseudo_masks applies to the RW maps.
 
 Writes ``<out>`` (JSON) and a markdown table beside it.
 """
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from pnoc import cli
+from pnoc.affinity.make_pseudo_masks import pseudo_mask
 from pnoc.affinity.propagate import propagate_batch
 from pnoc.cam.evaluate_priors import thresholds as threshold_grid
-from pnoc.crf import crf_label
 from pnoc.data import open_dataset
 from pnoc.evaluation import confusion, markdown_table, scores
 from pnoc.io import DataError, load_maps, write_json, write_text
@@ -92,29 +92,6 @@ def gt_boundary(gt: np.ndarray, grid: tuple[int, int], stride: int = 4) -> np.nd
     return (blocks.max(-1) != blocks.min(-1)).astype(np.float32)
 
 
-def masks_at(maps: np.ndarray, keys: np.ndarray, threshold: float, img: np.ndarray | None = None,
-             crf: dict | None = None) -> np.ndarray:
-    """Class-id mask of one image: argmax over ``[threshold, maps...]``, then the optional label dCRF.
-
-    Args:
-        maps: (K, H, W) maps in [0, 1] of the image's classes.
-        keys: (K,) class ids (1..C).
-        threshold: the background plane; ties go to the background.
-        img: uint8 (H, W, 3) RGB, needed with ``crf``.
-        crf: keyword arguments of :func:`pnoc.crf.crf_label` or None.
-
-    Returns:
-        int64 (H, W): 0 background, class ids elsewhere.
-    """
-    k, h, w = maps.shape
-    if k == 0:
-        return np.zeros((h, w), np.int64)
-    idx = np.argmax(np.concatenate([np.full((1, h, w), threshold, np.float32), maps.astype(np.float32)]), 0)
-    if crf is not None:
-        idx = crf_label(img, idx, k + 1, **crf)
-    return np.concatenate([[0], np.asarray(keys, np.int64)])[idx]
-
-
 _W: dict = {}
 
 
@@ -123,14 +100,14 @@ def _init(cfg: Config, split: str, dirs: dict[str, Path], ths: dict[tuple[str, b
     _W.update(cfg=cfg, ds=open_dataset(cfg.dataset, cfg.root, split), dirs=dirs, ths=ths)
 
 
-def _read(folder: Path, image_id: str, hw: tuple[int, int], what: str) -> tuple[np.ndarray, np.ndarray]:
+def _read(folder: Path, image_id: str, hw: tuple[int, int], what: str) -> dict[str, np.ndarray]:
     path = Path(folder) / f"{image_id}.npz"
     if not path.is_file():
         raise DataError(f"{path}: {what} missing for image {image_id}; rerun the rule that writes {folder}")
     z = load_maps(path)
     if z["maps"].shape[1:] != hw:
         raise DataError(f"{path}: maps are {z['maps'].shape[1:]} but image {image_id} is {hw}; rerun that rule")
-    return z["maps"], z["keys"]
+    return z
 
 
 def _work(image_id: str) -> dict:
@@ -140,18 +117,19 @@ def _work(image_id: str) -> dict:
     img = np.array(ds.read_image(image_id))  # writable copy for pydensecrf
     crf = {"t": cfg.crf_t, "gt_prob": cfg.crf_gt_prob}
     n = ds.n_classes + 1
-    maps = {kind: _read(dirs[kind], image_id, hw, "CAMs" if kind == "prior" else "random-walk maps")
-            for kind in ("prior", "rw")}
+    files = {kind: _read(dirs[kind], image_id, hw, "CAMs" if kind == "prior" else "random-walk maps")
+             for kind in ("prior", "rw")}
+    maps = {kind: (z["maps"], z["keys"]) for kind, z in files.items()}
     if cfg.oracle:
-        lr = load_maps(Path(dirs["prior"]) / f"{image_id}.npz")["lr"].astype(np.float32)
+        lr = files["prior"]["lr"].astype(np.float32)
         bnd = torch.from_numpy(gt_boundary(gt, lr.shape[1:]))
         rw = propagate_batch([torch.from_numpy(lr)], [bnd], [hw], cfg.radius, cfg.beta, cfg.exp_times)[0]
-        maps["rw_gt_boundary"] = (rw.numpy(), maps["prior"][1])
+        maps["rw_gt_boundary"] = (rw.numpy(), files["prior"]["keys"])
     out = {}
     for kind, with_crf in cfg.cells():
         m, keys = maps[kind]
         out[kind, with_crf] = np.stack([
-            confusion(masks_at(m, keys, t, img, crf if with_crf else None), gt, n) for t in ths[kind, with_crf]])
+            confusion(pseudo_mask(m, keys, t, img, crf if with_crf else None), gt, n) for t in ths[kind, with_crf]])
     return out
 
 
