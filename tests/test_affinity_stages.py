@@ -209,6 +209,29 @@ def test_propagate_equals_propagate_cams(tmp_path, mini):
         assert got["maps"].max() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_propagate_without_seed_mask_walks_the_cams_themselves(tmp_path, mini):
+    """seed_mask false: the seeds are the CAMs, not CAMs × (1 − boundary); the graph is the same."""
+    from pnoc.affinity.random_walk import random_walk
+    from pnoc.data import open_dataset
+
+    cams = hand_cams(tmp_path)
+    model = tiny_affinitynet(tmp_path / "aff.pt").eval()
+    runs = {}
+    for mask in (True, False):
+        runs[mask] = tmp_path / f"rw_{mask}"
+        propagate.run(propagate.Config("synthetic", mini, "train", tmp_path / "aff.pt", cams, runs[mask], radius=3,
+                                       beta=4, exp_times=3, seed_mask=mask, batch_size=2, device="cpu"))
+    ds = open_dataset("synthetic", mini, "train")
+    for image_id in ds.ids:
+        z = load_maps(cams / f"{image_id}.npz")
+        bnd = torch.from_numpy(load_maps(runs[False] / f"{image_id}.npz")["boundary"]).float()
+        rw = random_walk(torch.from_numpy(z["lr"]).float(), bnd, radius=3, beta=4, exp_times=3)
+        up = F.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :H, :W]
+        got = load_maps(runs[False] / f"{image_id}.npz")["maps"]
+        np.testing.assert_allclose(got, (up / up.max()).numpy(), atol=2e-3)  # float16 storage
+        assert np.abs(got - load_maps(runs[True] / f"{image_id}.npz")["maps"]).max() > 1e-2
+
+
 def test_propagate_missing_cam_names_the_image(tmp_path, mini):
     cams = hand_cams(tmp_path)
     tiny_affinitynet(tmp_path / "aff.pt")
@@ -378,6 +401,21 @@ def test_gt_boundary_exact():
     assert walk_share.gt_boundary(gt, (3, 3))[2].tolist() == [1, 0, 0]
 
 
+def test_cell_labels_exact():
+    """A cell's label is its block's most frequent non-void label; an all-void cell is background."""
+    gt = np.zeros((10, 12), np.uint8)
+    gt[0:4, 4:8] = 1       # cell (0, 1): all class 1
+    gt[4:7, 0:4] = 2       # cell (1, 0): 12 of 16 pixels class 2
+    gt[4:6, 4:8] = 2       # cell (1, 1): 8 / 8, a tie: the smaller id (0) wins
+    gt[0:4, 8:12] = 255    # cell (0, 2): all void -> background
+    gt[4:8, 8:12] = 255
+    gt[7, 11] = 1          # cell (1, 2): one class-1 pixel among 15 void ones
+    gt[8:10, 0:4] = 2      # cell (2, 0): rows 8-9 of class 2, padded with the edge row (2) to 16 of 16
+    lab = walk_share.cell_labels(gt, (3, 3))
+    assert lab.dtype == np.int64
+    assert lab.tolist() == [[0, 1, 0], [2, 0, 1], [2, 0, 0]]
+
+
 def test_walk_share_exact(tmp_path, mini):
     """Prior vs RW, thresholds chosen on val: exact mIoUs without the dCRF, the chosen thresholds, the share."""
     masks, labels = gt_masks()
@@ -415,6 +453,13 @@ def test_walk_share_exact(tmp_path, mini):
     assert 0 < cells["rw_gt_boundary", False]["train_miou"] <= 1
     assert m["share"]["gt_boundary_rw_minus_prior"] == pytest.approx(
         cells["rw_gt_boundary", False]["train_miou"] - prior_miou)
+    # over the ground-truth affinities the prior's top half of img0 spreads over the whole object;
+    # over the ground-truth boundary map these 3-4 cell wide objects lose their edge cells' seeds
+    gt_aff = cells["rw_gt_affinity", False]["train_miou"]
+    assert gt_aff > prior_miou + 0.05 and gt_aff > cells["rw_gt_boundary", False]["train_miou"] + 0.5
+    assert m["share"]["gt_affinity_rw_minus_prior"] == pytest.approx(gt_aff - prior_miou)
+    assert m["share"]["gt_affinity_rw_crf_minus_prior_crf"] == pytest.approx(
+        cells["rw_gt_affinity", True]["train_miou"] - cells["prior", True]["train_miou"])
     (rw / "img1.npz").unlink()
     with pytest.raises(DataError, match="img1.*random-walk maps missing"):
         walk_share.run(walk_share.Config("synthetic", mini, "val", "train", prior, prior, rw, rw, out, threads=1))

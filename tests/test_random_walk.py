@@ -108,3 +108,51 @@ def test_shape_errors():
         random_walk(cams[:, :5], b)
     with pytest.raises(ValueError, match="boundary"):
         random_walk(cams, b[None])
+
+
+def test_walk_over_given_affinities_equals_walk_over_their_boundary():
+    from pnoc.affinity.labels import affinity_from_boundary, path_index
+
+    cams, b = _inputs(seed=3)
+    aff = affinity_from_boundary(b[None, None].double(), path_index(5))[0]
+    want = random_walk(cams, b, dtype=torch.float64)
+    got = random_walk(cams, None, affinity=aff, dtype=torch.float64)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        random_walk(cams, b, affinity=aff)
+    with pytest.raises(ValueError, match="exactly one"):
+        random_walk(cams, None)
+    with pytest.raises(ValueError, match="directions"):
+        random_walk(cams, None, affinity=aff[:3])
+
+
+def test_label_affinity_is_one_exactly_between_cells_of_one_label():
+    from pnoc.affinity.random_walk import label_affinity
+
+    labels = torch.tensor([[0, 0, 1], [2, 0, 1]])
+    aff = label_affinity(labels, radius=2)
+    dirs = half_disc_directions(2).tolist()
+    assert aff.shape == (len(dirs), 2, 3)
+    for k, (dy, dx) in enumerate(dirs):
+        for y in range(2):
+            for x in range(3):
+                ty, tx = y + dy, x + dx
+                inside = 0 <= ty < 2 and 0 <= tx < 3
+                want = float(inside and labels[y, x] == labels[ty, tx])
+                assert aff[k, y, x].item() == want, (dy, dx, y, x)
+
+
+def test_walk_over_label_affinities_fills_each_region_and_never_crosses():
+    from pnoc.affinity.random_walk import label_affinity
+
+    labels = torch.zeros(10, 12, dtype=torch.long)
+    labels[2:8, 3:9] = 1  # one object, 6 x 6 cells
+    seeds = torch.zeros(1, 10, 12, dtype=torch.float64)
+    seeds[0, 2:4, 3:5] = 1.0  # the object's "head" only
+    rw = random_walk(seeds, None, affinity=label_affinity(labels), dtype=torch.float64)[0]
+    assert rw[labels == 0].abs().max().item() == 0.0  # nothing leaks to the background
+    inside = rw[labels == 1]
+    # T is column-normalised: the walk averages, so 256 steps bring the object close to the
+    # (degree-weighted) mean of its seeds, 4 cells of 1 over 36
+    assert inside.max().item() < 1.25 * inside.min().item()
+    assert 0.05 < inside.mean().item() < 0.2

@@ -4,7 +4,9 @@ For every image of a split:
 
 1. boundary probabilities from AffinityNet on the full-size image (logits of the image and
    of its un-flipped mirror averaged, then the sigmoid), on the stride-4 grid of the CAMs;
-2. seeds = stride-4 CAMs (``lr`` of the CAM file) × (1 − boundary);
+2. seeds = stride-4 CAMs (``lr`` of the CAM file) × (1 − boundary) (``seed_mask: true``, the reference), or the
+   CAMs themselves (``seed_mask: false``: a cell on a boundary keeps its own seed; where objects are only a few
+   cells wide, the reference rule empties a large share of every object, see :mod:`pnoc.affinity.walk_share`);
 3. the random walk ``seeds · T^(2^exp_times)`` with T = column-normalised A^β over pairs of
    radius ``radius`` (:func:`pnoc.affinity.random_walk.random_walk`, sparse and exact);
 4. bilinear upsampling ×4, crop to H×W, division by the global max over all classes.
@@ -58,6 +60,7 @@ class Config:
     radius: float = 5
     beta: float = 10
     exp_times: int = 8
+    seed_mask: bool = True
     flip: bool = True
     batch_size: int = 8
     device: str = "auto"
@@ -77,21 +80,30 @@ def read_lr_cams(cams_dir: str | Path, image_id: str) -> tuple[np.ndarray, np.nd
     return z["lr"], z["keys"]
 
 
-def propagate_batch(cams: list[torch.Tensor], boundaries: list[torch.Tensor], sizes: list[tuple[int, int]],
-                    radius: float = 5, beta: float = 10, exp_times: int = 8) -> list[torch.Tensor]:
+def propagate_batch(cams: list[torch.Tensor], boundaries: list[torch.Tensor] | None, sizes: list[tuple[int, int]],
+                    radius: float = 5, beta: float = 10, exp_times: int = 8,
+                    affinities: list[torch.Tensor] | None = None, seed_mask: bool = True) -> list[torch.Tensor]:
     """Walk several images at once and bring the results to full resolution.
 
     Args:
         cams: per image (K, h, w) stride-4 CAMs.
-        boundaries: per image (h, w) boundary probabilities.
+        boundaries: per image (h, w) boundary probabilities (None with ``affinities``).
         sizes: per image the full (H, W).
+        affinities: per image (D, h, w) pair affinities to walk over instead of a boundary map
+            (:func:`pnoc.affinity.random_walk.label_affinity`); the seeds are then the CAMs themselves.
+        seed_mask: with boundaries, multiply the seeds by (1 − boundary) (the reference); False walks the
+            CAMs themselves.
 
     Returns:
         per image (K, H, W) float32 maps: ``propagate_cams(..., normalise=False)`` upsampled ×4
         (bilinear), cropped to (H, W) and divided by their global max.
     """
-    seeds = [c.float() * (1.0 - b.float())[None] for c, b in zip(cams, boundaries)]
-    rws = random_walk(seeds, list(boundaries), radius=radius, beta=beta, exp_times=exp_times)
+    if affinities is None:
+        seeds = [c.float() * (1.0 - b.float())[None] if seed_mask else c.float() for c, b in zip(cams, boundaries)]
+        rws = random_walk(seeds, list(boundaries), radius=radius, beta=beta, exp_times=exp_times)
+    else:
+        rws = random_walk([c.float() for c in cams], None, radius=radius, beta=beta, exp_times=exp_times,
+                          affinity=list(affinities))
     out = []
     for rw, (h, w) in zip(rws, sizes):
         if rw.shape[0] == 0:
@@ -131,7 +143,8 @@ def run(cfg: Config) -> dict:
                 t1 = time.perf_counter()
                 with memory_guard(device, chunk, (h, w), OOM_FIX):
                     rws = propagate_batch([torch.from_numpy(c).to(device) for c in cams], list(bnd),
-                                          [(h, w)] * len(chunk), cfg.radius, cfg.beta, cfg.exp_times)
+                                          [(h, w)] * len(chunk), cfg.radius, cfg.beta, cfg.exp_times,
+                                          seed_mask=cfg.seed_mask)
                 t_walk += time.perf_counter() - t1
                 for image_id, rw, k, b in zip(chunk, rws, keys, bnd):
                     save_maps(tmp / f"{image_id}.npz", rw.cpu().numpy(), k, boundary=b.cpu().numpy())

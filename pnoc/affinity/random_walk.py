@@ -28,11 +28,17 @@ import torch
 from pnoc.affinity.labels import PathIndex, affinity_from_boundary, path_index
 
 
-def _check(seeds: torch.Tensor, boundary: torch.Tensor) -> None:
-    if boundary.dim() != 2:
-        raise ValueError(f"boundary must be (h, w), got {tuple(boundary.shape)}")
-    if seeds.dim() != 3 or seeds.shape[1:] != boundary.shape:
-        raise ValueError(f"seeds must be (K, h, w) with (h, w) = {tuple(boundary.shape)}, got {tuple(seeds.shape)}")
+def _check(seeds: torch.Tensor, boundary: torch.Tensor | None, affinity: torch.Tensor | None = None) -> None:
+    if affinity is not None:
+        if affinity.dim() != 3:
+            raise ValueError(f"affinity must be (D, h, w), got {tuple(affinity.shape)}")
+        hw = affinity.shape[1:]
+    else:
+        if boundary.dim() != 2:
+            raise ValueError(f"boundary must be (h, w), got {tuple(boundary.shape)}")
+        hw = boundary.shape
+    if seeds.dim() != 3 or seeds.shape[1:] != hw:
+        raise ValueError(f"seeds must be (K, h, w) with (h, w) = {tuple(hw)}, got {tuple(seeds.shape)}")
 
 
 def _pair_affinities(boundary: torch.Tensor, pi: PathIndex, dtype: torch.dtype) -> torch.Tensor:
@@ -47,7 +53,8 @@ def _build_dtype(device: torch.device) -> torch.dtype:
 
 
 def _transition_entries(
-    boundary: torch.Tensor, radius: float, beta: float, dtype: torch.dtype
+    boundary: torch.Tensor | None, radius: float, beta: float, dtype: torch.dtype,
+    affinity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-zeros of the column-normalised transition matrix T.
 
@@ -56,16 +63,25 @@ def _transition_entries(
     costs ~2e-4 of max-normalised error, where float32 *steps* cost < 1e-4.
 
     Args:
-        boundary: (h, w) boundary probabilities.
+        boundary: (h, w) boundary probabilities (ignored when ``affinity`` is given).
+        affinity: (D, h, w) pair affinities in [0, 1] for the directions of ``path_index(radius)``,
+            used instead of those derived from ``boundary``.
 
     Returns:
         (src, dst, val), each (nnz,): ``T[src, dst] = val``, src/dst flat pixel indices.
     """
     pi = path_index(radius)
-    h, w = boundary.shape
-    dev = boundary.device
+    ref = boundary if affinity is None else affinity
+    h, w = ref.shape[-2:]
+    dev = ref.device
     out_dtype, dtype = dtype, _build_dtype(dev)
-    aff = _pair_affinities(boundary, pi, dtype) ** beta  # (D, h, w); A^β for pair (p, p + d)
+    if affinity is None:
+        aff = _pair_affinities(boundary, pi, dtype)
+    else:
+        if affinity.shape[0] != len(pi.directions):
+            raise ValueError(f"affinity has {affinity.shape[0]} directions, radius {radius} has {len(pi.directions)}")
+        aff = affinity.to(dtype).clamp(0.0, 1.0)
+    aff = aff ** beta  # (D, h, w); A^β for pair (p, p + d)
     dirs = torch.as_tensor(pi.directions, device=dev)
     d = dirs.shape[0]
     # Column j of A holds, besides A[j, j] = 1: A[j + d, j] = aff[d, j] (j is the pair's
@@ -114,45 +130,58 @@ def transition_from_boundary(
 @torch.no_grad()
 def random_walk(
     seeds: torch.Tensor | Sequence[torch.Tensor],
-    boundary: torch.Tensor | Sequence[torch.Tensor],
+    boundary: torch.Tensor | Sequence[torch.Tensor] | None,
     radius: float = 5,
     beta: float = 10,
     exp_times: int = 8,
     dtype: torch.dtype = torch.float32,
+    affinity: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Random-walk propagation ``seeds · T^(2^exp_times)``, computed sparsely.
 
     Args:
         seeds: (K, h, w) seed maps, or a list of them (one per image; K and (h, w) may differ
             between images). All on the device of ``boundary``.
-        boundary: (h, w) boundary probabilities in [0, 1], or a list matching ``seeds``.
+        boundary: (h, w) boundary probabilities in [0, 1], or a list matching ``seeds``; None
+            with ``affinity``.
         radius, beta: see :func:`transition_from_boundary`.
         exp_times: the walk takes 2^exp_times steps (the reference squares T this often).
         dtype: computation dtype (float64 for exactness checks).
+        affinity: instead of ``boundary``, the pair affinities themselves: (D, h, w) in [0, 1]
+            for the directions of ``path_index(radius)`` (entry [k, y, x] pairs (y, x) with
+            (y, x) + directions[k]), or a list matching ``seeds``. An affinity graph need not
+            come from a boundary map: :func:`label_affinity` gives the ground truth's.
 
     Returns:
         (K, h, w) propagated maps in ``dtype``, or a list of them for list input.
     """
     single = isinstance(seeds, torch.Tensor)
     seeds_l = [seeds] if single else list(seeds)
-    bnd_l = [boundary] if single else list(boundary)
-    if len(seeds_l) != len(bnd_l):
-        raise ValueError(f"{len(seeds_l)} seed maps but {len(bnd_l)} boundary maps")
+    if (boundary is None) == (affinity is None):
+        raise ValueError("give exactly one of boundary and affinity")
+    graph = boundary if affinity is None else affinity
+    graph_l = [graph] if single else list(graph)
+    if len(seeds_l) != len(graph_l):
+        raise ValueError(f"{len(seeds_l)} seed maps but {len(graph_l)} {'boundary' if affinity is None else 'affinity'} maps")
     if not seeds_l:
         return []
-    for s, b in zip(seeds_l, bnd_l):
-        _check(s, b)
-    dev = bnd_l[0].device
+    for s, g in zip(seeds_l, graph_l):
+        if affinity is None:
+            _check(s, g)
+        else:
+            _check(s, None, g)
+    dev = graph_l[0].device
 
     # one block-diagonal operator for the whole batch: rows/cols offset per image
     rows, cols, vals, offsets = [], [], [], [0]
-    for b in bnd_l:
-        i, j, v = _transition_entries(b, radius, beta, dtype)
+    for g in graph_l:
+        i, j, v = (_transition_entries(g, radius, beta, dtype) if affinity is None
+                   else _transition_entries(None, radius, beta, dtype, affinity=g))
         # x_new[j] = Σ_i x[i] T[i, j]  ⇔  x_new = Tᵀ x: row j of the operator holds column j of T
         rows.append(j + offsets[-1])
         cols.append(i + offsets[-1])
         vals.append(v)
-        offsets.append(offsets[-1] + b.numel())
+        offsets.append(offsets[-1] + g.shape[-2] * g.shape[-1])
     n = offsets[-1]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "CSR support is in beta" noise
@@ -173,6 +202,35 @@ def random_walk(
         for s, o0, o1 in zip(seeds_l, offsets[:-1], offsets[1:])
     ]
     return out[0] if single else out
+
+
+def label_affinity(labels: torch.Tensor, radius: float = 5) -> torch.Tensor:
+    """The affinity graph of a label map: 1 between two cells of the same label, 0 otherwise.
+
+    The walk over it is the walk with a *perfect* affinity network: each class's seeds spread over
+    the cells of their own label and nowhere else. Unlike a boundary map, it keeps every cell's
+    seed: a boundary is drawn *on* cells, so on a stride-4 grid the cells along an object's edge
+    would carry boundary 1 and lose their seeds (``seeds × (1 − boundary)``).
+
+    Args:
+        labels: (h, w) integer labels of the cells.
+        radius: pair radius (the directions of ``path_index(radius)``).
+
+    Returns:
+        float32 (D, h, w): entry [k, y, x] is 1 when (y, x) + directions[k] is inside the grid and
+        has the label of (y, x), else 0.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (h, w), got {tuple(labels.shape)}")
+    pi = path_index(radius)
+    h, w = labels.shape
+    out = torch.zeros(len(pi.directions), h, w, dtype=torch.float32, device=labels.device)
+    for k, (dy, dx) in enumerate(pi.directions.tolist()):
+        y1, x0, x1 = h - dy, max(0, -dx), min(w, w - dx)  # sources whose target is inside
+        if y1 <= 0 or x1 <= x0:
+            continue
+        out[k, :y1, x0:x1] = (labels[:y1, x0:x1] == labels[dy:dy + y1, x0 + dx:x1 + dx]).float()
+    return out
 
 
 @torch.no_grad()

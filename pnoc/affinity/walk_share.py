@@ -9,11 +9,20 @@ This stage measures the four cells of {prior, RW} × {no dCRF, dCRF} under one p
    best mIoU is kept (the authors' runner also picks the walk's threshold on val);
 2. the four cells are scored at their chosen thresholds on the **evaluated split** (train) and on val.
 
-The walk's share is ``RW − prior`` and ``RW + dCRF − (prior + dCRF)`` on the evaluated split. A third row,
-the walk's **ceiling** (``oracle: true``), walks the same stride-4 CAMs with the same settings over the
-ground-truth boundary instead of AffinityNet's (:func:`gt_boundary`): it says how much a perfect
-boundary network could add at this grid resolution, so a walk below its prior can be told apart
-from a walk that has nothing to gain (objects only a few cells wide). A mask
+The walk's share is ``RW − prior`` and ``RW + dCRF − (prior + dCRF)`` on the evaluated split. Two more
+rows (``oracle: true``) walk the same stride-4 CAMs with the same settings over the ground truth
+instead of AffinityNet, so a walk below its prior can be told apart from a walk that has nothing to gain:
+
+* ``rw_gt_boundary``: over the ground-truth *boundary map* (:func:`gt_boundary`), the best input the
+  chain's formulation (IRN's boundary map, with the chain's ``seed_mask``) can get at this grid. Its
+  boundary lies on the cells that straddle an edge; with the reference's seeds × (1 − boundary) those
+  cells lose their seeds, and where objects are only a few cells wide that is a large share of every object.
+* ``rw_gt_affinity``: over the ground-truth *affinities* (:func:`cell_labels`,
+  :func:`pnoc.affinity.random_walk.label_affinity`): two cells are linked when their majority labels
+  agree, and every cell keeps its seed. This is the walk with a perfect affinity network, the
+  ceiling of the random walk itself at this grid.
+
+A mask
 is the argmax over ``[threshold, maps...]`` (ties to the background), optionally refined by the
 label dCRF of the chain's pseudo masks (``affinity.masks.crf_t`` / ``crf_gt_prob``): the masks are made by
 :func:`pnoc.affinity.make_pseudo_masks.pseudo_mask`, the function rule make_pseudo_masks applies to the RW maps.
@@ -33,6 +42,7 @@ import torch
 from pnoc import cli
 from pnoc.affinity.make_pseudo_masks import pseudo_mask
 from pnoc.affinity.propagate import propagate_batch
+from pnoc.affinity.random_walk import label_affinity
 from pnoc.cam.evaluate_priors import thresholds as threshold_grid
 from pnoc.data import open_dataset
 from pnoc.evaluation import confusion, markdown_table, scores
@@ -42,7 +52,7 @@ from pnoc.parallel import map_images
 log = logging.getLogger("pnoc.affinity.walk_share")
 
 CELLS = (("prior", False), ("prior", True), ("rw", False), ("rw", True))
-ORACLE_CELLS = (("rw_gt_boundary", False), ("rw_gt_boundary", True))
+ORACLE_CELLS = (("rw_gt_boundary", False), ("rw_gt_boundary", True), ("rw_gt_affinity", False), ("rw_gt_affinity", True))
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Config:
     radius: float = 5
     beta: float = 10
     exp_times: int = 8
+    seed_mask: bool = True
     threads: int = 1
 
     def cells(self) -> tuple:
@@ -90,6 +101,30 @@ def gt_boundary(gt: np.ndarray, grid: tuple[int, int], stride: int = 4) -> np.nd
     g = np.pad(g, ((0, max(0, h * stride - g.shape[0])), (0, max(0, w * stride - g.shape[1]))), mode="edge")
     blocks = g[:h * stride, :w * stride].reshape(h, stride, w, stride).transpose(0, 2, 1, 3).reshape(h, w, -1)
     return (blocks.max(-1) != blocks.min(-1)).astype(np.float32)
+
+
+def cell_labels(gt: np.ndarray, grid: tuple[int, int], stride: int = 4) -> np.ndarray:
+    """The ground truth's majority label of every stride-4 cell.
+
+    Args:
+        gt: (H, W) class ids, 255 void.
+        grid: (h, w) of the stride-4 CAMs (``ceil(H / 4)`` × ``ceil(W / 4)``).
+
+    Returns:
+        int64 (h, w): the most frequent non-void label of the cell's ``stride`` × ``stride`` block
+        (ties to the smaller id; cells beyond the image are padded with the edge labels), 0 (background)
+        where the block is all void.
+    """
+    h, w = grid
+    g = np.pad(gt.astype(np.int64), ((0, max(0, h * stride - gt.shape[0])), (0, max(0, w * stride - gt.shape[1]))),
+               mode="edge")
+    blocks = g[:h * stride, :w * stride].reshape(h, stride, w, stride).transpose(0, 2, 1, 3).reshape(h * w, -1)
+    valid = blocks != 255
+    n = int(np.where(valid, blocks, 0).max()) + 1
+    counts = np.zeros((h * w, n), np.int64)
+    rows = np.broadcast_to(np.arange(h * w)[:, None], blocks.shape)
+    np.add.at(counts, (rows[valid], blocks[valid]), 1)
+    return counts.argmax(1).reshape(h, w)  # argmax of all-zero counts (all void) is 0, background
 
 
 _W: dict = {}
@@ -123,8 +158,12 @@ def _work(image_id: str) -> dict:
     if cfg.oracle:
         lr = files["prior"]["lr"].astype(np.float32)
         bnd = torch.from_numpy(gt_boundary(gt, lr.shape[1:]))
-        rw = propagate_batch([torch.from_numpy(lr)], [bnd], [hw], cfg.radius, cfg.beta, cfg.exp_times)[0]
+        rw = propagate_batch([torch.from_numpy(lr)], [bnd], [hw], cfg.radius, cfg.beta, cfg.exp_times,
+                             seed_mask=cfg.seed_mask)[0]
         maps["rw_gt_boundary"] = (rw.numpy(), files["prior"]["keys"])
+        aff = label_affinity(torch.from_numpy(cell_labels(gt, lr.shape[1:])), cfg.radius)
+        rw = propagate_batch([torch.from_numpy(lr)], None, [hw], cfg.radius, cfg.beta, cfg.exp_times, affinities=[aff])[0]
+        maps["rw_gt_affinity"] = (rw.numpy(), files["prior"]["keys"])
     out = {}
     for kind, with_crf in cfg.cells():
         m, keys = maps[kind]
@@ -170,6 +209,8 @@ def run(cfg: Config) -> dict:
              "crf_on_prior": at_eval["prior", True] - at_eval["prior", False]}
     if cfg.oracle:
         share["gt_boundary_rw_minus_prior"] = at_eval["rw_gt_boundary", False] - at_eval["prior", False]
+        share["gt_affinity_rw_minus_prior"] = at_eval["rw_gt_affinity", False] - at_eval["prior", False]
+        share["gt_affinity_rw_crf_minus_prior_crf"] = at_eval["rw_gt_affinity", True] - at_eval["prior", True]
     metrics = {"stage": "walk_share", "variant": cfg.variant, "select_split": cfg.select_split,
                "eval_split": cfg.eval_split, "crf": {"t": cfg.crf_t, "gt_prob": cfg.crf_gt_prob},
                "walk": {"radius": cfg.radius, "beta": cfg.beta, "exp_times": cfg.exp_times},
@@ -182,8 +223,11 @@ def run(cfg: Config) -> dict:
           + f"\nOn `{cfg.eval_split}`: RW − prior **{100 * share['rw_minus_prior']:+.2f}** points; RW + dCRF − "
           f"(prior + dCRF) **{100 * share['rw_crf_minus_prior_crf']:+.2f}**; the dCRF alone on the prior "
           f"{100 * share['crf_on_prior']:+.2f}."
-          + (f" The walk over the ground-truth boundary (`rw_gt_boundary`, its ceiling at this grid) − prior: "
-             f"**{100 * share['gt_boundary_rw_minus_prior']:+.2f}**." if cfg.oracle else "") + "\n")
+          + (f" The walk over the ground-truth boundary map (`rw_gt_boundary`) − prior: "
+             f"**{100 * share['gt_boundary_rw_minus_prior']:+.2f}**; over the ground-truth affinities "
+             f"(`rw_gt_affinity`, the walk's ceiling at this grid) − prior: "
+             f"**{100 * share['gt_affinity_rw_minus_prior']:+.2f}**, with the dCRF on both "
+             f"**{100 * share['gt_affinity_rw_crf_minus_prior_crf']:+.2f}**." if cfg.oracle else "") + "\n")
     write_text(Path(cfg.out).with_suffix(".md"), md)
     write_json(cfg.out, metrics)
     log.info("walk share %s on %s: RW - prior %+.4f, with dCRF %+.4f", cfg.variant, cfg.eval_split,

@@ -253,8 +253,9 @@ rule masks_table:
 
 rule walk_share:
     """The walk's own share: prior vs random walk, each with and without the dCRF of the pseudo masks, every
-    background threshold chosen on the val split and scored on the evaluated split, beside the walk over the
-    ground-truth boundary (its ceiling at the stride-4 grid; pnoc.affinity.walk_share)."""
+    background threshold chosen on the val split and scored on the evaluated split, beside the walks over the
+    ground-truth boundary map and over the ground-truth affinities (the walk's ceiling at the stride-4 grid;
+    pnoc.affinity.walk_share)."""
     input:
         dataset_inputs(images=[DATASET["val_split"], DATASET["eval_split"]], masks=[DATASET["val_split"], DATASET["eval_split"]]),
         prior_select=lambda w: f"{RESULTS}/cams/{chain_prior(w)}/seed{w.seed}/{DATASET['val_split']}",
@@ -271,7 +272,7 @@ rule walk_share:
         # the threshold grid is walk_share's own (0.05-0.80 by 0.05): borrowing the priors' keys would make a change of
         # the priors' sweep rerun this job, which does not descend from evaluate_priors
         args=flags({"crf_t": AFF["masks"]["crf_t"], "crf_gt_prob": AFF["masks"]["crf_gt_prob"],
-                    **{k: AFF["rw"][k] for k in ("radius", "beta", "exp_times")}}),
+                    **{k: AFF["rw"][k] for k in ("radius", "beta", "exp_times", "seed_mask")}}),
     log:
         f"{RESULTS}/logs/walk_share/{{chain}}-seed{{seed}}.log",
     conda:
