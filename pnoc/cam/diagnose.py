@@ -13,9 +13,10 @@ writes (``SegmentationPart/<id>.png``: head, body, context band, clutter):
 * **Puzzle**: the share of 2×2 tiles holding a part of a class that the classifier still labels
   with that class when it sees the tile alone (heads, and body-only parts, apart).
 * **The random walk's room**: the share of object pixels within one stride-4 cell (4 px, Euclidean)
-  of the edge of their class's region (:func:`class_regions`, the adjacent void band included). The walk fills objects cell by cell; where most
-  of an object is edge band, even a perfect boundary leaves it little to fill (VOC's objects are
-  tens of cells wide).
+  of the edge of their class's region (:func:`class_regions`, the adjacent void band included). The walk fills objects cell by cell; where much
+  of an object is edge band, the walk depends on the boundary between those cells, and the
+  reference's seed mask (CAMs x (1 - boundary)) empties them (VOC's objects are tens of cells wide).
+  ``rule walk_share`` measures the walk's ceiling at this grid over ground-truth affinities.
 
 Erased pixels are set to 0 in normalised space (the mean colour), as ``x * (1 - mask)`` does in
 the CAM strategies. A class counts as recognised when its sigmoid score is ≥ 0.5.
