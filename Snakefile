@@ -44,6 +44,12 @@ rule all:
     input:
         f"{RESULTS}/summary.json",
         report_targets(),
-        benchmark_tables(),
-        walk_share_targets(),
+        default_diagnostics(),
     default_target: True
+
+
+# benchmark diagnostics (rule walk_share; rule diagnose on the synthetic benchmark) for any dataset; they are in
+# the default target of the synthetic benchmark only:  snakemake diagnostics
+rule diagnostics:
+    input:
+        diagnostic_targets(),

@@ -107,10 +107,11 @@ def setup_logging(level: int = logging.INFO) -> None:
 def main(run: Callable[[T], Any], cfg_cls: type[T], argv: list[str] | None = None) -> None:
     """Parse flags into ``cfg_cls``, set up logging, call ``run``.
 
-    A :class:`pnoc.io.DataError` ends the process with exit code 2 and its message
-    (which names the file and the fix) on stderr, without a traceback.
+    A :class:`pnoc.io.DataError`, or a :class:`pnoc.io.ResourceError` (disk full, not enough memory), ends the
+    process with exit code 2 and its message (which names the file or key and the fix) on stderr, without a
+    traceback.
     """
-    from pnoc.io import DataError
+    from pnoc.io import DataError, ResourceError
 
     from pnoc.distributed import shutdown
 
@@ -118,7 +119,7 @@ def main(run: Callable[[T], Any], cfg_cls: type[T], argv: list[str] | None = Non
     cfg = parse(cfg_cls, argv)
     try:
         run(cfg)
-    except DataError as e:
+    except (DataError, ResourceError) as e:
         logging.getLogger("pnoc").error("%s", e)
         sys.exit(2)
     finally:
@@ -127,3 +128,37 @@ def main(run: Callable[[T], Any], cfg_cls: type[T], argv: list[str] | None = Non
 
 def as_path(p: str | Path | None) -> Path | None:
     return None if p is None else Path(p)
+
+
+def run_rules_with_this_python() -> None:
+    """Make the Snakefile's rules run pnoc with the interpreter running this code: its folder goes first on PATH.
+
+    Called by the Snakefile (workflow/rules/common.smk) when Snakemake reads it. A rule that ran whatever
+    ``python`` is first on PATH would fail inside its job with "No module named torch" whenever Snakemake was
+    started as ``.venv/bin/snakemake`` without activating the venv. The rules' shell commands (``python -m
+    pnoc...``, ``torchrun ...``) inherit Snakemake's environment, and SLURM jobs run Snakemake again with this same
+    interpreter (the executor plugin passes ``sys.executable``), which reads the Snakefile again, so the jobs'
+    rules get it too. With ``--use-conda`` the activated envs/pnoc.yaml comes first inside the job instead.
+    Changing PATH, not the shell lines, keeps the interpreter's location out of the rules' recorded parameters:
+    another clone or venv reruns nothing.
+
+    Raises:
+        ImportError: this interpreter cannot import torch; the message says how to start Snakemake instead.
+    """
+    import importlib
+    import os
+
+    try:
+        importlib.import_module("torch")
+    except ImportError as e:
+        raise ImportError(
+            f"Snakemake runs with {sys.executable}, which cannot import torch ({e}); every rule runs pnoc with this "
+            f"interpreter. Run Snakemake from pnoc's environment (`source .venv/bin/activate` first, or "
+            f"`.venv/bin/snakemake ...`), or install pnoc into this one: `{sys.executable} -m pip install -e "
+            f"'.[workflow]'`"
+        ) from e
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, *path])
+

@@ -28,6 +28,7 @@ import datetime
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -146,6 +147,8 @@ class Distributed:
     Attributes:
         rank, world, local_rank: from ``torchrun`` (0, 1, 0 for a single process).
         device: this rank's device (``cuda:local_rank`` on GPUs).
+        speed: the stage's :class:`pnoc.training.Speed`, set by ``start_training`` for ``EpochRunner.wrap``
+            (None: plain eager NCHW).
     """
 
     rank: int = 0
@@ -153,6 +156,7 @@ class Distributed:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     shared: torch.Generator = field(default_factory=torch.Generator)
+    speed: object = None
 
     @property
     def is_main(self) -> bool:
@@ -263,6 +267,40 @@ class Distributed:
         out = [None] * self.world
         tdist.all_gather_object(out, obj)
         return out
+
+    def on_main(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on rank 0 only; its result (or its exception) on every rank.
+
+        For work whose result is the same whoever does it: a per-epoch evaluation (N ranks evaluating the same
+        images would do N-fold work for one number), or the writing of an artifact. The others wait for rank
+        0, so this is also a barrier. An exception of rank 0 is raised on every rank (the others get a copy,
+        or a ``RuntimeError`` with its text where it does not pickle), so that no rank waits forever in the
+        next collective.
+
+        Args:
+            fn: returns a small picklable value (floats, dicts of them; CPU tensors at most).
+        """
+        if not self.enabled:
+            return fn(*args, **kwargs)
+        box: list = [None]
+        error = None
+        if self.is_main:
+            try:
+                box[0] = (True, fn(*args, **kwargs))
+            except Exception as e:  # noqa: BLE001 - handed on to every rank, then re-raised here
+                error = e
+                try:
+                    pickle.dumps(e)
+                    box[0] = (False, e)
+                except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+                    box[0] = (False, RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+        tdist.broadcast_object_list(box, src=0)
+        ok, value = box[0]
+        if error is not None:
+            raise error
+        if not ok:
+            raise value
+        return value
 
     def barrier(self) -> None:
         if self.enabled:

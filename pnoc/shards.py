@@ -74,6 +74,8 @@ def merge_info(infos: Sequence[dict]) -> dict:
     * ``images``, and every key ending in ``seconds`` or ``bytes``: summed. ``seconds`` is thus the
       compute time of all shards together (they may have run in parallel).
     * ``images_per_s``: recomputed as images / seconds, the throughput of one job.
+    * every key starting with ``peak_`` (peak memory, :func:`pnoc.training.peak_memory`): the largest of the
+      shards' numbers (None where no shard has one).
     * ``counts`` (a dict of numbers): summed key by key; every ``ratios`` entry ``key: [num, den]``
       is recomputed as ``counts[num] / counts[den]`` (None when that is 0), exactly as the stage
       computed it for its own images (:func:`ratios`).
@@ -100,6 +102,8 @@ def merge_info(infos: Sequence[dict]) -> dict:
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numbers and (key == "images" or key.endswith(("seconds", "bytes"))):
             out[key] = sum(values)
+        elif key.startswith("peak_") and all(v is None or isinstance(v, (int, float)) for v in values):
+            out[key] = max((v for v in values if v is not None), default=None)
         elif key == "counts" and all(isinstance(v, dict) for v in values):
             out[key] = {c: sum(v[c] for v in values) for c in values[0]}
         elif all(v == values[0] for v in values):

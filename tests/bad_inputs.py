@@ -188,7 +188,8 @@ def _corpus() -> list[Fault]:
     lst_t, lst_v = "ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"
     img, msk, lab = "JPEGImages/train_0003.jpg", "SegmentationClass/val_0002.png", "cls_labels.npy"
     train_both, val_both = {"train/images", "train/masks"}, {"val/images", "val/masks"}
-    labels = {"train/images", "val/images"}  # cls_labels.npy serves both splits
+    # cls_labels.npy serves both splits, and both checks of each: the masks check compares the masks with the labels
+    labels = {"train/images", "val/images", "train/masks", "val/masks"}
     return [
         Fault("truncated_jpeg", "train", "images", img, _break_file(img, _truncate), _backup(Path(img)), train_both),
         Fault("zero_byte_jpeg", "train", "images", img, _break_file(img, lambda p: p.write_bytes(b"")),

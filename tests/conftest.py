@@ -125,9 +125,9 @@ def _slurm_controller_up() -> bool:
     return False
 
 
-def snakemake(args, cwd=ROOT, timeout=1200, check=True, env=None):
+def snakemake(args, cwd=ROOT, timeout=1200, check=True, env=None, executable=None):
     """Run snakemake from the repository root; returns the CompletedProcess (stdout+stderr merged)."""
-    exe = shutil.which("snakemake", path=venv_env()["PATH"])
+    exe = executable or shutil.which("snakemake", path=venv_env()["PATH"])
     if Path(cwd).resolve() != ROOT.resolve() and "--snakefile" not in args and "-s" not in args:
         args = [*args, "--snakefile", str(ROOT / "Snakefile")]
     p = subprocess.run([exe, *args], cwd=cwd, env=env or venv_env(), stdout=subprocess.PIPE,

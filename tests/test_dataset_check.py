@@ -17,7 +17,8 @@ import yaml
 from bad_inputs import CUSTOM_CLASSES, FAULTS, Evil, make_custom_dataset
 from conftest import ROOT, job_stats, snakemake, venv_env
 
-from pnoc.data.check_dataset import MAX_LISTED, check_split, dataset_files, format_errors
+from pnoc.data.check_dataset import (MAX_LISTED, check_split, checked_record, dataset_files, dataset_fingerprint,
+                                     format_errors)
 from pnoc.data.datasets import WSSSDataset, read_classes
 from pnoc.io import DataError, load_label_dict
 
@@ -112,7 +113,8 @@ def test_check_split_sound_dataset_and_manifest(custom_root):
         f"JPEGImages/val_{k:04d}.jpg" for k in range(8)}
     masks, errors = check_split("custom", custom_root, "val", "masks", need_masks=True)
     assert errors == [] and masks["masks"] == 8
-    assert set(masks["files"]) == {"ImageSets/Segmentation/val.txt", "classes.txt"} | {
+    # the masks check compares each mask with the image's labels: the label file is one of its files too
+    assert set(masks["files"]) == {"ImageSets/Segmentation/val.txt", "classes.txt", "cls_labels.npy"} | {
         f"{d}/val_{k:04d}.{e}" for k in range(8) for d, e in (("JPEGImages", "jpg"), ("SegmentationClass", "png"))}
     st = (custom_root / "JPEGImages" / "val_0000.jpg").stat()
     assert masks["files"]["JPEGImages/val_0000.jpg"] == [st.st_size, st.st_mtime_ns]
@@ -127,6 +129,61 @@ def test_labels_from_masks_make_the_masks_inputs_of_the_images_check(tmp_path):
     images, errors = check_split("custom", root, "val", "images")
     assert errors == [] and images["label_source"] == "masks" and images["masks"] == 3
     assert sorted(os.path.relpath(p, root) for p in dataset_files("custom", root, "val")) == sorted(images["files"])
+
+
+def test_fingerprint_changes_with_the_bytes_not_the_mtime(custom_root, tmp_path):
+    """The check's params.fingerprint (what Snakemake reruns it on): other bytes, an added or a removed file change
+    it; a file touched or copied back with the bytes the last check recorded does not, before and after the
+    check that records the new time."""
+    root = _copy(custom_root, tmp_path)
+    record = tmp_path / "checked.json"
+
+    def fp():
+        return dataset_fingerprint("custom", root, "val", "masks", record)
+
+    def check():  # what rule check_dataset records on success
+        manifest, errors = check_split("custom", root, "val", "masks", need_masks=True)
+        assert errors == []
+        previous = json.loads(record.read_text())["files"] if record.exists() else None
+        record.write_text(json.dumps(checked_record(root, manifest["files"], 1, previous)))
+        return manifest
+
+    first = fp()
+    manifest = check()
+    assert first == fp() and first.startswith(f"{len(manifest['files'])} files, sha256 ")
+    mask = root / "SegmentationClass" / "val_0002.png"
+    original = mask.read_bytes()
+    os.utime(mask, ns=(1, 10**18))  # touched
+    assert fp() == first
+    mask.unlink()
+    assert fp() != first  # removed
+    mask.write_bytes(original)  # copied back: the same bytes, a new mtime
+    assert fp() == first
+    check()  # a check after the touch records the new time: still the fingerprint it ran with
+    assert fp() == first
+    from PIL import Image
+
+    with Image.open(mask) as im:
+        a, pal = np.array(im), im.getpalette()
+    a[:2, :2] = 255
+    corrected = Image.fromarray(a, mode="P")
+    corrected.putpalette(pal)
+    corrected.save(mask)  # other bytes
+    assert fp() != first
+    mask.write_bytes(original)
+    assert fp() == first  # the check never ran on the other bytes: back to what it ran with
+    corrected.save(mask)
+    planned = fp()
+    check()
+    assert fp() == planned  # the fingerprint Snakemake ran the check with: nothing more to do
+    mask.write_bytes(original)
+    assert fp() not in (first, planned)  # ... and now the original bytes are other bytes
+    back = fp()
+    (root / "SegmentationClass" / "val_0099.png").write_bytes(original)
+    assert fp() == back  # not a file of the split
+    lst = root / "ImageSets" / "Segmentation" / "val.txt"
+    lst.write_text(lst.read_text() + "train_0001\n")
+    assert fp() != back  # added: an image and its mask
 
 
 def test_masks_optional_where_the_split_is_not_evaluated(custom_root, tmp_path):

@@ -329,6 +329,36 @@ def test_two_gpu_training_is_one_task_and_shards_are_separate_jobs(slurm_cluster
     assert len(list(target.glob("*.npz"))) == len(open_dataset("synthetic", data, "train"))
 
 
+# ------------------------------- (b3) ImageNet weights fetched on the submit host, the training job offline
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_training_job_runs_offline_on_weights_fetched_by_the_submit_host(slurm_cluster, smoke_run, tmp_path):
+    """weights: imagenet -> the local rule fetch_weights downloads the file where snakemake runs (no sbatch job),
+    from a server that closes after that one request; the training job then runs on the cluster with every route
+    to a download closed (proxies to a closed port, HF offline, empty hub caches) and reads the file."""
+    from offline_weights import offline_env, resnet18_release_bytes, serve, weights_config
+
+    name, data = resnet18_release_bytes()
+    env = offline_env(tmp_path)
+    with serve({"r18.pth": data}, max_requests=1) as srv:
+        cfg = weights_config(tmp_path, smoke_dataset(smoke_run), name, srv.url("r18.pth"))
+        target = tmp_path / "res" / "classifier" / "seed0" / "model.pt"
+        run = slurm_util.run_snakemake_slurm(
+            workdir(tmp_path), [str(target), "--snakefile", SNAKEFILE, "--configfile", str(cfg)], timeout=900,
+            log=tmp_path / "offline.log", env=env)
+        requests = list(srv.requests)
+    assert not run.timed_out, run.tail()
+    assert run.returncode == 0, run.tail(80)
+    jobs = [sbatch_rule(ln) for ln in run.sbatch_lines]
+    print(f"[slurm] offline training: sbatch jobs {jobs}, weight requests {requests}")
+    assert "train_classifier" in jobs and "fetch_weights" not in jobs  # fetched locally, trained on the cluster
+    assert requests == ["/r18.pth"]
+    log = (tmp_path / "res" / "logs" / "train_classifier" / "seed0.log").read_text()
+    assert f"loaded backbone weights from {tmp_path / 'weights' / name}" in log
+    assert json.loads((tmp_path / "res" / "classifier" / "seed0" / "metrics.json").read_text())["epochs"]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
 # ------------------------------------------------------- (c) kill -9 of the snakemake controller
 @pytest.mark.slow
 def test_controller_kill9_then_rerun_incomplete_finishes_rest(smoke_run, tmp_path):

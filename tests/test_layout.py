@@ -17,7 +17,8 @@ PKG = ROOT / "pnoc"
 # Wings in DAG order: a wing may import the wings before it, never one after it.
 WINGS = ["cam", "saliency", "affinity", "segmentation", "report"]
 # Shared machinery below the wings: it imports no wing at all.
-SHARED = ["cli", "crf", "distributed", "evaluation", "io", "parallel", "training", "data", "models", "shards"]
+SHARED = ["cli", "crf", "distributed", "evaluation", "io", "memory", "parallel", "training", "data", "models",
+          "shards"]
 TRAINING_STAGES = ["pnoc.cam.pretrain_backbone", "pnoc.cam.train_classifier", "pnoc.cam.train_cam", "pnoc.saliency.train_ccam",
                    "pnoc.saliency.train_poolnet", "pnoc.affinity.train_affinity",
                    "pnoc.segmentation.train_segmentation"]
@@ -155,7 +156,7 @@ def test_schema_describes_the_solver_once_and_every_training_section_embeds_it()
 
 # Placeholders of a shell command that are flag strings built (and quoted) by common.smk's helpers
 PREFORMATTED_PARAMS = {"args", "arch", "classifier", "columns", "data", "hints", "init", "launch", "pages", "saliency",
-                      "source"}
+                      "source", "speed"}
 
 
 def _shell_lines(text: str) -> list[str]:

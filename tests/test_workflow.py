@@ -33,7 +33,7 @@ def _default_mismatches(cfg: dict, schema: dict, path: str = "") -> list[str]:
     for key, value in cfg.items():
         if key not in props:
             out.append(f"{path}{key}: not in the schema")
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and "properties" in props[key]:
             out += _default_mismatches(value, props[key], f"{path}{key}.")
         elif props[key].get("default") != value:
             out.append(f"{path}{key}: config.yaml {value!r}, schema default {props[key].get('default')!r}")

@@ -13,11 +13,12 @@ prior's background threshold is chosen on the evaluated split (the RW one is fix
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.evaluation import evaluate_mask_folder, markdown_table
 from pnoc.io import read_json, write_json, write_text
 
@@ -25,11 +26,9 @@ log = logging.getLogger("pnoc.affinity.evaluate_masks")
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Evaluate a folder of pseudo masks."""
 
-    dataset: str
-    root: Path
     split: str
     masks_dir: Path
     out: Path
@@ -38,7 +37,8 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    t0 = time.perf_counter()
+    ds = cfg.open_dataset(cfg.split)
     ds.validate(need_labels=False, need_masks=True)
     s = evaluate_mask_folder(ds, Path(cfg.masks_dir))
     prior, _, method = cfg.variant.partition("+")
@@ -62,6 +62,7 @@ def run(cfg: Config) -> dict:
         head += f"; the prior `{prior}` scored {metrics['prior_miou']:.4f} (threshold {metrics['prior_threshold']})"
     md = f"# Pseudo masks `{cfg.variant}` on {cfg.dataset}/{cfg.split}\n\n{head}\n\n" + markdown_table(table)
     write_text(Path(cfg.out).with_suffix(".md"), md)
+    metrics["seconds"] = time.perf_counter() - t0  # the whole evaluation (benchmarks/rehearsal.py)
     write_json(cfg.out, metrics)
     log.info("pseudo masks %s/%s: mIoU %.4f%s", cfg.variant, cfg.split, s["miou"],
              f" (prior {metrics['prior_miou']:.4f})" if "prior_miou" in metrics else "")

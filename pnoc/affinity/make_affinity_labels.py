@@ -23,6 +23,7 @@ raises :class:`DataError` naming the image (the reference skips such images sile
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from pnoc import cli
 from pnoc.affinity.labels import IGNORE, affinity_labels_classic, affinity_labels_saliency
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.io import DataError, atomic_dir, load_maps, write_json, write_mask
 from pnoc.parallel import map_images
 from pnoc.saliency.maps import read_saliency
@@ -49,11 +50,9 @@ RATIOS = {"fraction_bg": ("bg", "pixels"), "fraction_fg": ("fg", "pixels"),
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Make affinity labels for every image of a split."""
 
-    dataset: str
-    root: Path
     split: str
     cams_dir: Path
     out_dir: Path
@@ -124,7 +123,7 @@ _W: dict = {}
 
 def _init_worker(cfg: Config, out: Path) -> None:
     _W["cfg"], _W["out"] = cfg, out
-    _W["ds"] = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    _W["ds"] = cfg.open_dataset(cfg.split)
 
 
 def _work(image_id: str) -> np.ndarray:
@@ -136,8 +135,9 @@ def _work(image_id: str) -> np.ndarray:
 
 
 def run(cfg: Config) -> dict:
+    t0 = time.perf_counter()
     fg_thr, bg_thr = thresholds_of(cfg)
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     ids = shard_ids(ds.ids, cfg.shard)
     ds.validate(need_labels=True, ids=ids)
     totals = np.zeros(7, np.int64)
@@ -156,6 +156,7 @@ def run(cfg: Config) -> dict:
             "cams": str(cfg.cams_dir), "saliency": str(cfg.saliency_dir) if cfg.method == "saliency" else None,
             **ratios(counts, RATIOS), "counts": counts, "ratios": RATIOS,
             "config": {k: str(v) for k, v in asdict(cfg).items() if k not in ("out_dir", "threads", "shard")},
+            "seconds": time.perf_counter() - t0,
         }
         write_json(tmp / "summary.json", summary)
     log.info("affinity labels (%s) of %d images: bg %s, fg %s, uncertain %s, confident precision %s", cfg.method,

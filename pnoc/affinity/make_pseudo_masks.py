@@ -23,7 +23,7 @@ import numpy as np
 
 from pnoc import cli
 from pnoc.crf import crf_label
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.io import DataError, atomic_dir, load_maps, write_mask
 from pnoc.parallel import map_images
 from pnoc.saliency.maps import read_saliency
@@ -33,11 +33,9 @@ log = logging.getLogger("pnoc.affinity.make_pseudo_masks")
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Pseudo masks from random-walk maps."""
 
-    dataset: str
-    root: Path
     split: str
     rw_dir: Path
     out_dir: Path
@@ -98,7 +96,7 @@ _W: dict = {}
 
 def _init_worker(cfg: Config, out: Path) -> None:
     _W["cfg"], _W["out"] = cfg, out
-    _W["ds"] = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    _W["ds"] = cfg.open_dataset(cfg.split)
 
 
 def _work(image_id: str) -> np.ndarray:
@@ -124,7 +122,7 @@ def _work(image_id: str) -> np.ndarray:
 def run(cfg: Config) -> dict:
     if cfg.saliency_threshold is not None and cfg.saliency_dir is None:
         raise DataError("--saliency-threshold needs --saliency-dir (the PoolNet saliency maps of the split)")
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     ids = shard_ids(ds.ids, cfg.shard)
     hist = np.zeros(256, np.int64)
     with atomic_dir(cfg.out_dir) as tmp:

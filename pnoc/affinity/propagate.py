@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from pnoc import cli
 from pnoc.affinity.random_walk import random_walk
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import DataError, atomic_dir, load_maps, save_maps, write_json
 from pnoc.models.affinitynet import affinitynet_from_artifact
 from pnoc.shards import shard_ids
-from pnoc.training import autocast, load_weights, memory_guard, resolve_device, set_threads
+from pnoc.training import autocast, load_weights, memory_guard, peak_memory, resolve_device, set_threads
 
 OOM_FIX = ("lower affinity.rw.batch_size (images of one size are walked together; the transition matrix grows with "
            "the image area) or affinity.rw.radius")
@@ -48,11 +48,9 @@ log = logging.getLogger("pnoc.affinity.propagate")
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Random-walk propagation of CAMs with a trained AffinityNet."""
 
-    dataset: str
-    root: Path
     split: str
     model: Path
     cams_dir: Path
@@ -118,7 +116,7 @@ def propagate_batch(cams: list[torch.Tensor], boundaries: list[torch.Tensor] | N
 def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     model = affinitynet_from_artifact(load_weights(cfg.model)).to(device).eval()
     ids = shard_ids(ds.ids, cfg.shard)
     by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
@@ -152,7 +150,7 @@ def run(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         info = {"stage": "propagate", "split": cfg.split, "images": len(ids), "radius": cfg.radius, "beta": cfg.beta,
                 "exp_times": cfg.exp_times, "flip": cfg.flip, "seconds": dt, "walk_seconds": t_walk,
-                "images_per_s": len(ids) / max(dt, 1e-9), "device": str(device)}
+                "images_per_s": len(ids) / max(dt, 1e-9), "device": str(device), **peak_memory(device)}
         write_json(tmp / "_info.json", info)
     log.info("random walk on %d images in %.1fs (walk %.1fs) on %s", len(ids), dt, t_walk, device)
     return info

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pnoc import cli
 from pnoc.affinity.labels import affinity_from_boundary, affinity_loss, pair_labels, path_index
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.loaders import PairedSet, mask_loader
 from pnoc.io import DataError
 from pnoc.models.affinitynet import AffinityNet
@@ -42,11 +42,9 @@ INITS = ("classifier", "cam", "backbone")
 
 
 @dataclass
-class Config(Solver, Runtime):
+class Config(Solver, Runtime, DataSource):
     """Train AffinityNet on affinity labels."""
 
-    dataset: str
-    root: Path
     labels: Path
     out: Path
     metrics: Path
@@ -91,7 +89,7 @@ def labels_to_grid(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def run(cfg: Config) -> dict:
     dist = start_training(cfg)
     device = dist.device
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     labels_dir = Path(cfg.labels)
     if not labels_dir.is_dir():
         raise DataError(f"{labels_dir}: affinity-label folder not found; run rule make_affinity_labels")
@@ -119,6 +117,20 @@ def run(cfg: Config) -> dict:
                          inputs=(cfg.labels, cfg.source_model, *ds.identity_files()),
                          dist=dist, head=head, opt=opt, sched=sched, scaler=scaler)
     net = runner.wrap(model, cfg.sync_bn)
+
+    def step(batch):
+        x = batch[0].to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits = net(x)
+        boundary = torch.sigmoid(logits.float())
+        grid = labels_to_grid(batch[1].to(device), tuple(boundary.shape[-2:]))
+        bg_pos, fg_pos, neg = pair_labels(grid, pi, ds.n_classes)
+        aff = affinity_from_boundary(boundary, pi)
+        loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
+        optimizer_step(loss, opt, scaler, sched)
+        return loss, parts, (bg_pos, fg_pos, neg)
+
+    runner.guard_memory(step, "affinity.train", "train_affinity")
     log.info("AffinityNet (%s, OS%d, init %s) on %s/%s with labels %s: %d images, %d steps/epoch, %d epochs, "
              "radius %g (%d directions), device %s", arch["backbone"], cfg.output_stride, cfg.init, cfg.dataset,
              cfg.split, labels_dir, len(train_set), steps_per_epoch, cfg.epochs, cfg.radius, pi.n_directions, device)
@@ -130,23 +142,15 @@ def run(cfg: Config) -> dict:
         pairs = {"bg_pos": 0, "fg_pos": 0, "neg": 0}
         n_steps, n = 0, 0
         t0 = time.perf_counter()
-        for x, lab, _y, _ in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
-            x = x.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits = net(x)
-            boundary = torch.sigmoid(logits.float())
-            grid = labels_to_grid(lab.to(device), tuple(boundary.shape[-2:]))
-            bg_pos, fg_pos, neg = pair_labels(grid, pi, ds.n_classes)
-            aff = affinity_from_boundary(boundary, pi)
-            loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
-            optimizer_step(loss, opt, scaler, sched)
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
+            loss, parts, (bg_pos, fg_pos, neg) = step(batch)
             sums["loss"] += loss.item()
             for k in parts:
                 sums[k] += float(parts[k])
             for k, m in (("bg_pos", bg_pos), ("fg_pos", fg_pos), ("neg", neg)):
                 pairs[k] += int(m.sum())
             n_steps += 1
-            n += x.shape[0]
+            n += batch[0].shape[0]
         dt = time.perf_counter() - t0
         t_train += dt
         n_seen += n

@@ -44,7 +44,7 @@ from pnoc.affinity.make_pseudo_masks import pseudo_mask
 from pnoc.affinity.propagate import propagate_batch
 from pnoc.affinity.random_walk import label_affinity
 from pnoc.cam.evaluate_priors import thresholds as threshold_grid
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.evaluation import confusion, markdown_table, scores
 from pnoc.io import DataError, load_maps, write_json, write_text
 from pnoc.parallel import map_images
@@ -56,11 +56,9 @@ ORACLE_CELLS = (("rw_gt_boundary", False), ("rw_gt_boundary", True), ("rw_gt_aff
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Prior vs random walk, ± dCRF, background thresholds chosen on the selection split."""
 
-    dataset: str
-    root: Path
     select_split: str
     eval_split: str
     prior_select: Path
@@ -132,7 +130,7 @@ _W: dict = {}
 
 def _init(cfg: Config, split: str, dirs: dict[str, Path], ths: dict[tuple[str, bool], list[float]]) -> None:
     torch.set_num_threads(1)  # one image per worker process: the walk of a 112 px image is tiny
-    _W.update(cfg=cfg, ds=open_dataset(cfg.dataset, cfg.root, split), dirs=dirs, ths=ths)
+    _W.update(cfg=cfg, ds=cfg.open_dataset(split), dirs=dirs, ths=ths)
 
 
 def _read(folder: Path, image_id: str, hw: tuple[int, int], what: str) -> dict[str, np.ndarray]:
@@ -174,7 +172,7 @@ def _work(image_id: str) -> dict:
 
 def sweep(cfg: Config, split: str, dirs: dict[str, Path], ths: dict[tuple[str, bool], list[float]]) -> dict:
     """Confusions of every cell at its thresholds on ``split``: {cell: (T, n, n)}."""
-    ds = open_dataset(cfg.dataset, cfg.root, split)
+    ds = cfg.open_dataset(split)
     ds.validate(need_labels=False, need_masks=True)
     total = {cell: 0 for cell in cfg.cells()}
     for conf in map_images(ds.ids, _work, _init, (cfg, split, dirs, ths), cfg.threads, f"walk share {split}"):

@@ -26,6 +26,19 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+def multilabel_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, sched,
+                    scaler, device: torch.device, amp: bool, label_smoothing: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One multi-label soft margin step on a batch: to the device, forward (AMP on CUDA), loss, optimizer and
+    scheduler step. Returns ``(loss, logits, labels on the device)``."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with autocast(device, amp):
+        logits, _ = model(x)
+    loss = multilabel_soft_margin(logits, y, label_smoothing)
+    optimizer_step(loss, opt, scaler, sched)
+    return loss, logits, y
+
+
 def train_multilabel_epoch(model: torch.nn.Module, loader, opt: torch.optim.Optimizer, sched, scaler,
                            device: torch.device, amp: bool, label_smoothing: float = 0.0,
                            desc: str = "") -> EpochStats:
@@ -40,11 +53,7 @@ def train_multilabel_epoch(model: torch.nn.Module, loader, opt: torch.optim.Opti
     tot, n, probs, ys = 0.0, 0, [], []
     t0 = time.perf_counter()
     for x, y, _ in tqdm(loader, desc=desc, mininterval=10, leave=False):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits, _ = model(x)
-        loss = multilabel_soft_margin(logits, y, label_smoothing)
-        optimizer_step(loss, opt, scaler, sched)
+        loss, logits, y = multilabel_step(model, x, y, opt, sched, scaler, device, amp, label_smoothing)
         tot += loss.item() * x.shape[0]
         n += x.shape[0]
         probs.append(torch.sigmoid(logits.detach().float()).cpu())

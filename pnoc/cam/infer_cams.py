@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from pnoc import cli
 from pnoc.cam.tta import max_normalize, tta_maps
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.transforms import to_tensor_image
 from pnoc.io import atomic_dir, save_maps, write_json
 from pnoc.models.classifier import classifier_from_artifact
 from pnoc.shards import shard_ids
-from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
+from pnoc.training import load_weights, memory_guard, peak_memory, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.cam.infer_cams")
 # images of one size run as one batch through every scale of the TTA (the largest dominates the memory)
@@ -35,11 +35,9 @@ OOM_FIX = "lower inference.batch_size (images of one size run together) or the l
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """CAM inference with TTA."""
 
-    dataset: str
-    root: Path
     split: str
     model: Path
     out_dir: Path
@@ -54,7 +52,7 @@ class Config:
 def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     ids = shard_ids(ds.ids, cfg.shard)
     ds.validate(need_labels=True, ids=ids)
     model = classifier_from_artifact(load_weights(cfg.model)).to(device).eval()
@@ -65,7 +63,9 @@ def run(cfg: Config) -> dict:
         by_size[ds.image_size(image_id)].append(image_id)
     t0 = time.perf_counter()
     n_bytes = 0
-    with atomic_dir(cfg.out_dir) as tmp, tqdm(total=len(ids), desc=f"CAMs {cfg.split}", mininterval=10) as bar:
+    # expect: one .npz per image and _info.json, for the space estimate of a full disk's message
+    with atomic_dir(cfg.out_dir, expect=len(ids) + 1) as tmp, \
+            tqdm(total=len(ids), desc=f"CAMs {cfg.split}", mininterval=10) as bar:
         for size, group in by_size.items():
             for i in range(0, len(group), cfg.batch_size):
                 chunk = group[i:i + cfg.batch_size]
@@ -84,7 +84,7 @@ def run(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         info = {"stage": "infer_cams", "split": cfg.split, "images": len(ids), "scales": cfg.scales,
                 "flip": cfg.flip, "seconds": dt, "images_per_s": len(ids) / max(dt, 1e-9),
-                "bytes_per_image": n_bytes / max(1, len(ids))}
+                "bytes_per_image": n_bytes / max(1, len(ids)), **peak_memory(device)}
         write_json(tmp / "_info.json", info)
     log.info("%d images in %.1fs (%.1f img/s), %.0f bytes/image", len(ids), dt, info["images_per_s"],
              info["bytes_per_image"])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pnoc import cli
-from pnoc.cam.classification import train_multilabel_epoch
+from pnoc.cam.classification import multilabel_step, train_multilabel_epoch
 from pnoc.cam.losses import f1_scores
 from pnoc.data.generic import CATEGORIES, GenericConfig, GenericSet
 from pnoc.models.classifier import create_classifier
@@ -116,6 +116,8 @@ def run(cfg: Config) -> dict:
     runner = EpochRunner(cfg.state_dir, resume_key(cfg), cfg.epochs, cfg.seed,
                          dist=dist, model=model, opt=opt, sched=sched, scaler=scaler)
     net = runner.wrap(model, cfg.sync_bn)
+    runner.guard_memory(lambda b: multilabel_step(net, b[0], b[1], opt, sched, scaler, device, cfg.amp),
+                        "pretrain", "pretrain_backbone", lower="pretrain.crop (with pretrain.image_size)")
     log.info("pretraining %s (output stride %d) on the generic corpus: %d train / %d val images of %d px, "
              "%d categories, %d steps/epoch, %d epochs, device %s", cfg.backbone, cfg.output_stride,
              len(train_set), len(val_set), cfg.image_size, len(CATEGORIES), steps_per_epoch, cfg.epochs, device)
@@ -126,12 +128,14 @@ def run(cfg: Config) -> dict:
                                     desc=f"epoch {epoch + 1}/{cfg.epochs}")
         t_train += st.seconds
         n_seen += st.images
-        val = generic_scores(model, val_set, device, num_workers=cfg.num_workers)
+        val = runner.evaluate(generic_scores, model, val_set, device, num_workers=cfg.num_workers)
         runner.log(epoch, {"loss": st.loss, "train_f1": st.train_f1, **{f"val_{k}": v for k, v in val.items()},
-                           "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s})
+                           "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s},
+                   shared=[f"val_{k}" for k in val])
     runner.save_weights(cfg.out, backbone_state(model))
     # scores of the weights written: the last epoch's, or fresh ones after a resume with no epoch left
-    final = val if val is not None else generic_scores(model, val_set, device, num_workers=cfg.num_workers)
+    final = val if val is not None else runner.evaluate(generic_scores, model, val_set, device,
+                                                        num_workers=cfg.num_workers)
     hist = runner.history
     metrics = {
         "stage": "pretrain_backbone",

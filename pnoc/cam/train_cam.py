@@ -37,7 +37,7 @@ from pnoc import cli
 from pnoc.cam.losses import multilabel_soft_margin
 from pnoc.cam.strategies import (STRATEGIES, erased_targets, hard_erase, merge, psi, puzzle_losses, sample_classes,
                                  soft_erase, tile, uses_cse, uses_puzzle)
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.loaders import ClassificationSet
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import ThresholdSweep
@@ -52,11 +52,9 @@ ACCUMULATE_LOSS = ("mean", "sum")
 
 
 @dataclass
-class Config(Solver, Runtime):
+class Config(Solver, Runtime, DataSource):
     """Train a CAM generator with a strategy."""
 
-    dataset: str
-    root: Path
     classifier: Path
     out: Path
     metrics: Path
@@ -264,8 +262,8 @@ def run(cfg: Config) -> dict:
     if dist.enabled and cfg.noc_cse_leak and cfg.noc_interval > 1:
         raise DataError("cam.noc_cse_leak=true with noc_interval > 1 would step noc on gradients that no process "
                         "averaged; set noc_interval: 1 or resources.gpus_per_job: 1")
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    ev = open_dataset(cfg.dataset, cfg.root, cfg.eval_split)
+    ds = cfg.open_dataset(cfg.split)
+    ev = cfg.open_dataset(cfg.eval_split)
     train_set = ClassificationSet(ds, cfg.augmenter(cfg.augment))
     iters_per_epoch = max(1, len(train_set) // cfg.batch_size)
     torch.manual_seed(cfg.seed)
@@ -277,6 +275,19 @@ def run(cfg: Config) -> dict:
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed,
                          inputs=(cfg.classifier, *ds.identity_files()), dist=dist, **objects)
     tr.wrap(runner, cfg.sync_bn)
+
+    def first_update(batch) -> None:
+        # the iterations of one optimizer step from iteration 0: noc's step comes at iteration 0, f's optimizer
+        # step at the last of `accumulate` (its state allocated); the epoch loop sets tr.iteration itself
+        saved = tr.iteration
+        try:
+            for it in range(cfg.accumulate):
+                tr.iteration = it
+                tr.step(batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+        finally:
+            tr.iteration = saved
+
+    runner.guard_memory(first_update, "cam", "train_cam")
     log.info("strategy %s (ls=%.2f): %d images, %d iterations/epoch, %d epochs on %s", cfg.strategy,
              cfg.label_smoothing, len(train_set), iters_per_epoch, cfg.epochs, device)
     t_total, n_iters = 0.0, 0
@@ -297,8 +308,8 @@ def run(cfg: Config) -> dict:
         n_iters += n
         row = {k: v / max(1, n) for k, v in sums.items()}
         row["seconds_per_iteration"] = dt / max(1, n)
-        row["prior_miou_no_tta"] = quick_prior_miou(tr.f, ev, device, cfg.epoch_eval_images)
-        runner.log(epoch, row)
+        row["prior_miou_no_tta"] = runner.evaluate(quick_prior_miou, tr.f, ev, device, cfg.epoch_eval_images)
+        runner.log(epoch, row, shared=("prior_miou_no_tta",))
     arch = {"backbone": cfg.backbone if cfg.init == "backbone" else None, "n_classes": ds.n_classes,
             "output_stride": cfg.output_stride}
     base = load_weights(cfg.classifier)["arch"] if cfg.init == "classifier" else arch

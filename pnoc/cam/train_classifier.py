@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from pnoc import cli
-from pnoc.cam.classification import train_multilabel_epoch
+from pnoc.cam.classification import multilabel_step, train_multilabel_epoch
 from pnoc.cam.losses import f1_scores
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.loaders import ClassificationSet
 from pnoc.models.classifier import create_classifier
 from pnoc.training import (EpochRunner, Runtime, Solver, make_scaler, param_groups, poly_scheduler, resume_key,
@@ -25,11 +25,9 @@ log = logging.getLogger("pnoc.cam.train_classifier")
 
 
 @dataclass
-class Config(Solver, Runtime):
+class Config(Solver, Runtime, DataSource):
     """Train the ordinary classifier."""
 
-    dataset: str
-    root: Path
     out: Path
     metrics: Path
     state_dir: Path
@@ -68,8 +66,8 @@ def classification_scores(model, ds, device, batch_size: int = 32, image_size: i
 def run(cfg: Config) -> dict:
     dist = start_training(cfg)
     device = dist.device
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
-    val = open_dataset(cfg.dataset, cfg.root, cfg.val_split)
+    ds = cfg.open_dataset(cfg.split)
+    val = cfg.open_dataset(cfg.val_split)
     train_set = ClassificationSet(ds, cfg.augmenter(cfg.augment))
     val.validate(need_labels=True)
     torch.manual_seed(cfg.seed)
@@ -84,6 +82,8 @@ def run(cfg: Config) -> dict:
     runner = EpochRunner(cfg.state_dir, conf, cfg.epochs, cfg.seed, inputs=(*ds.identity_files(),), dist=dist,
                          model=model, opt=opt, sched=sched, scaler=scaler)
     net = runner.wrap(model, cfg.sync_bn)
+    runner.guard_memory(lambda b: multilabel_step(net, b[0], b[1], opt, sched, scaler, device, cfg.amp,
+                                                  cfg.label_smoothing), "classifier", "train_classifier")
     log.info("training %s on %s/%s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.backbone, cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, device)
     t_train, n_seen = 0.0, 0
@@ -93,10 +93,11 @@ def run(cfg: Config) -> dict:
                                     desc=f"epoch {epoch + 1}/{cfg.epochs}")
         t_train += st.seconds
         n_seen += st.images
-        val_scores = classification_scores(model, val, device, image_size=cfg.crop)
+        val_scores = runner.evaluate(classification_scores, model, val, device, image_size=cfg.crop)
         runner.log(epoch, {"loss": st.loss, "train_f1": st.train_f1, "val_f1": val_scores["f1"],
                            "val_precision": val_scores["precision"], "val_recall": val_scores["recall"],
-                           "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s})
+                           "lr": opt.param_groups[0]["lr"], "images_per_s": st.images_per_s},
+                   shared=("val_f1", "val_precision", "val_recall"))
     arch = {"backbone": cfg.backbone, "n_classes": ds.n_classes, "output_stride": cfg.output_stride}
     runner.save_weights(cfg.out, {"arch": arch, "model": model.state_dict(), "classes": ds.classes})
     hist = runner.history

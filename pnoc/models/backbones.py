@@ -15,9 +15,14 @@ Names:
     ``resnest101|200|269``   ResNeSt through timm (``resnest*e`` deep-stem variants).
 
 ``weights``: ``"none"`` (random init), ``"imagenet"`` (the library's published ImageNet
-weights; needs network access the first time) or a path to a ``.pth`` state dict in
-torchvision/timm key format (a ``state_dict``/``model`` wrapper and ``module.``/``backbone.``
-prefixes are accepted; the classifier ``fc.*`` keys are ignored).
+weights, downloaded by torchvision/timm: for direct library use only; the workflow resolves
+``weights: imagenet`` to a file fetched by rule fetch_weights, :mod:`pnoc.models.pretrained`) or a
+path to a state dict as users hold them: torchvision's and timm's ``.pth``/``.bin`` files,
+zhanghang1989's ResNeSt releases (``resnest269-0cc87c48.pth``, the keys of timm's ``resnest*e``),
+``.safetensors`` (timm's hub files), pnoc's own backbone files; a ``state_dict``/``model`` wrapper
+and ``module.``/``backbone.`` prefixes are accepted; the classifier ``fc.*`` keys are ignored. A
+file named the torch.hub way (``<name>-<sha256 prefix>.pth``) or with a ``.sha256`` record beside it
+is hash-checked before it is loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
+from pnoc.io import DataError
+from pnoc.models.pretrained import verify
 from pnoc.training import safe_load
 
 log = logging.getLogger(__name__)
@@ -208,7 +215,8 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found; set weights: none|imagenet|<existing .pth>")
-    sd = safe_load(path, "weights file", "save the weights as a plain state dict: torch.save(model.state_dict(), path)")
+    verify(path)
+    sd = read_state_dict(path)
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -230,6 +238,27 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
         )
     backbone.net.load_state_dict({k: clean[k] for k in own}, strict=True)
     log.info("loaded backbone weights from %s", path)
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A state dict from a ``.safetensors`` file (timm's hub format) or a torch file read with ``weights_only``.
+
+    Raises:
+        pnoc.io.DataError: unreadable, or a torch file holding more than tensors and plain values.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+        except ImportError as e:  # pragma: no cover - timm brings it
+            raise ImportError(f"{path}: reading .safetensors needs the safetensors package: pip install safetensors") from e
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise DataError(f"{path}: unreadable safetensors file ({e}); download it again") from e
+    return safe_load(path, "weights file", "save the weights as a plain state dict: torch.save(model.state_dict(), path)")
 
 
 def freeze_bn(module: nn.Module) -> nn.Module:

@@ -59,6 +59,20 @@ def _conv_norm_relu(cin: int, cout: int, k: int, norm: str, dilation: int = 1) -
     )
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask does not depend on the input's memory format.
+
+    torch draws a dropout mask in the input's memory order, so an NHWC (``speed.channels_last``) activation
+    would get other draws from the same RNG state than its NCHW twin: an equally good mask, but another
+    result. The input is made NCHW-contiguous first, so the mask of element (n, c, y, x) is the same either
+    way; for an NCHW input ``contiguous()`` is the input itself and nothing changes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (B, C, h, w). Returns: (B, C, h, w), NCHW-contiguous."""
+        return F.dropout(x.contiguous(), self.p, self.training, self.inplace)
+
+
 def _init_new(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -115,7 +129,7 @@ class ASPP(nn.Module):
         )
         n = len(self.branches) + 1
         self.fuse = _conv_norm_relu(n * out_channels, out_channels, 1, norm)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (B, Cin, h, w). Returns: (B, out_channels, h, w)."""
@@ -154,9 +168,9 @@ class DeepLabV3Plus(_Segmenter):
         self.low = _conv_norm_relu(backbone.channels["layer1"], decoder_low_channels, 1, norm)
         self.decoder = nn.Sequential(
             _conv_norm_relu(aspp_channels + decoder_low_channels, decoder_channels, 3, norm),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             _conv_norm_relu(decoder_channels, decoder_channels, 3, norm),
-            nn.Dropout(dropout / 5),
+            Dropout(dropout / 5),
         )
         self.classifier = nn.Conv2d(decoder_channels, n_classes, 1)
         for m in (self.aspp, self.low, self.decoder, self.classifier):

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.io import DataError, atomic_dir, read_gray, read_mask, voc_palette, write_image, write_json
 
 log = logging.getLogger("pnoc.report.gallery")
@@ -32,11 +32,9 @@ _PALETTE = voc_palette()
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Per-stage overlay panels for the report."""
 
-    dataset: str
-    root: Path
     split: str
     out_dir: Path
     masks: list[str] = field(default_factory=list)
@@ -144,7 +142,7 @@ def panel(rows: list[list[np.ndarray]], titles: list[str], classes: list[str], c
 
 
 def run(cfg: Config) -> dict:
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     cols = {**_parse(cfg.masks, "masks"), **_parse(cfg.maps, "maps")}
     order = list(cfg.columns) or list(cols)
     unknown = [c for c in order if c not in cols]

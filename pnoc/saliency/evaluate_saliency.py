@@ -25,6 +25,7 @@ files (PoolNet maps); a missing map, CAM or mask raises :class:`pnoc.io.DataErro
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.evaluation import ThresholdSweep, markdown_table
 from pnoc.io import DataError, atomic_dir, load_maps, write_json, write_mask, write_text
 from pnoc.saliency.maps import MAP_FORMATS, binary_gt, read_saliency, thresholds
@@ -42,11 +43,9 @@ log = logging.getLogger("pnoc.saliency.evaluate_saliency")
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Evaluate saliency maps (binary, with CAM priors, with GT priors)."""
 
-    dataset: str
-    root: Path
     split: str
     maps_dir: Path
     out: Path
@@ -118,9 +117,10 @@ def best_of(sweep: ThresholdSweep, names: list[str]) -> dict:
 
 
 def run(cfg: Config) -> dict:
+    t0 = time.perf_counter()
     if cfg.maps_format not in MAP_FORMATS:
         raise ValueError(f"maps_format {cfg.maps_format!r}: use one of {MAP_FORMATS}")
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     ths = thresholds(cfg.th_min, cfg.th_max, cfg.th_step)
     n = ds.n_classes + 1
     sw_bin, sw_cam, sw_gt = ThresholdSweep(2, ths), ThresholdSweep(n, ths), ThresholdSweep(n, ths)
@@ -167,6 +167,7 @@ def run(cfg: Config) -> dict:
     md = (f"# Saliency `{cfg.variant}` on {cfg.dataset}/{cfg.split}\n\n" + markdown_table(rows)
           + "\n## Binary threshold sweep\n\n" + markdown_table(binary["sweep"]))
     write_text(Path(cfg.out).with_suffix(".md"), md)
+    metrics["seconds"] = time.perf_counter() - t0  # the whole evaluation (benchmarks/rehearsal.py)
     write_json(cfg.out, metrics)
     log.info("saliency %s/%s: binary mIoU %.4f at t=%.2f; CAM-combined %s; GT priors %.4f", cfg.variant, cfg.split,
              binary["miou"], t_best,

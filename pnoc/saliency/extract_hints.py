@@ -28,18 +28,16 @@ import numpy as np
 from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.io import DataError, atomic_dir, load_maps, write_gray, write_json
 
 log = logging.getLogger("pnoc.saliency.extract_hints")
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Extract foreground hints (max over classes of the CAMs)."""
 
-    dataset: str
-    root: Path
     split: str
     cams_dir: Path
     out_dir: Path
@@ -108,7 +106,7 @@ class HintStats:
 
 
 def run(cfg: Config) -> dict:
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     stats = HintStats(cfg.fg_threshold, cfg.bg_threshold)
     t0 = time.perf_counter()
     with atomic_dir(cfg.out_dir) as tmp:

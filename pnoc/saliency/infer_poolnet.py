@@ -19,22 +19,20 @@ import torch
 from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import atomic_dir, write_gray, write_json
 from pnoc.models.poolnet import poolnet_from_artifact
 from pnoc.shards import shard_ids
-from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
+from pnoc.training import load_weights, memory_guard, peak_memory, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.saliency.infer_poolnet")
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """PoolNet saliency inference."""
 
-    dataset: str
-    root: Path
     split: str
     model: Path
     out_dir: Path
@@ -66,7 +64,7 @@ def predict(model: torch.nn.Module, images_u8: torch.Tensor, flip: bool = False)
 def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     ids = shard_ids(ds.ids, cfg.shard)
     ds.validate(need_labels=False, ids=ids)
     model = poolnet_from_artifact(load_weights(cfg.model)).to(device).eval()
@@ -90,7 +88,7 @@ def run(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         info = {"stage": "infer_poolnet", "split": cfg.split, "images": len(ids), "model": str(cfg.model),
                 "flip": cfg.flip, "mean_saliency": mean_sal / max(1, len(ids)), "seconds": dt,
-                "images_per_s": len(ids) / max(dt, 1e-9)}
+                "images_per_s": len(ids) / max(dt, 1e-9), **peak_memory(device)}
         write_json(tmp / "_info.json", info)
     log.info("%d images in %.1fs (%.1f img/s)", len(ids), dt, info["images_per_s"])
     return info

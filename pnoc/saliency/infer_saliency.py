@@ -40,12 +40,12 @@ from tqdm import tqdm
 
 from pnoc import cli
 from pnoc.cam.tta import max_normalize, tta_maps
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.transforms import to_tensor_image
 from pnoc.io import atomic_dir, save_maps, write_json, write_mask
 from pnoc.models.ccam import ccam_from_artifact
 from pnoc.shards import shard_ids
-from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
+from pnoc.training import load_weights, memory_guard, peak_memory, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.saliency.infer_saliency")
 
@@ -53,11 +53,9 @@ ACTIVATIONS = ("relu", "sigmoid")
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """C²AM saliency inference (TTA) + pseudo-saliency masks."""
 
-    dataset: str
-    root: Path
     split: str
     model: Path
     raw_dir: Path
@@ -124,7 +122,7 @@ def pseudo_mask(img: np.ndarray, sal: np.ndarray, threshold: float, crf_t: int, 
 def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     ids = shard_ids(ds.ids, cfg.shard)
     ds.validate(need_labels=False, ids=ids)
     state = load_weights(cfg.model)
@@ -164,7 +162,7 @@ def run(cfg: Config) -> dict:
                 "direction": direction, "activation": cfg.activation, "scales": cfg.scales, "flip": cfg.flip,
                 "pseudo_threshold": cfg.pseudo_threshold, "crf_t": cfg.crf_t, "crf_gt_prob": cfg.crf_gt_prob,
                 "pseudo_fg_fraction": fg_frac / max(1, len(ids)), "seconds": dt, "crf_seconds": t_crf,
-                "images_per_s": len(ids) / max(dt, 1e-9)}
+                "images_per_s": len(ids) / max(dt, 1e-9), **peak_memory(device)}
         write_json(raw_tmp / "_info.json", info)
         write_json(pseudo_tmp / "_info.json", info)
     log.info("%d images in %.1fs (CRF %.1fs); pseudo-mask foreground %.3f", len(ids), dt, t_crf,

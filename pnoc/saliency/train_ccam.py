@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.loaders import PairedSet
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import ThresholdSweep
@@ -62,11 +62,9 @@ DIRECTION_GRID = 32  # maps and hints are resized to this square grid before the
 
 
 @dataclass
-class Config(Solver, Runtime):
+class Config(Solver, Runtime, DataSource):
     """Train C²AM / C²AM-H."""
 
-    dataset: str
-    root: Path
     out: Path
     metrics: Path
     state_dir: Path
@@ -235,7 +233,7 @@ def run(cfg: Config) -> dict:
         raise DataError("method c2amh needs --hints <folder written by rule extract_hints>")
     dist = start_training(cfg)
     device = dist.device
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     hints_dir = Path(cfg.hints) if cfg.hints is not None else None
     if hints_dir is not None and not hints_dir.is_dir():
         raise DataError(f"{hints_dir}: hints folder not found; run rule extract_hints for split {cfg.split}")
@@ -265,6 +263,20 @@ def run(cfg: Config) -> dict:
                          inputs=(cfg.hints, cfg.classifier, *ds.identity_files()),
                          dist=dist, model=model, opt=opt, sched=sched, scaler=scaler)
     net = runner.wrap(model, cfg.sync_bn)
+
+    def step(batch, where: str = "the memory check") -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch[0].to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            z, v_fg, v_bg = net(x)
+        hint = batch[1].to(device, non_blocking=True) if cfg.method == "c2amh" else None
+        loss, parts = ccam_objective(cfg, z, v_fg, v_bg, hint, runner.gather_batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at {where}: {loss.item()}")
+        optimizer_step(loss, opt, scaler, sched)
+        return loss, parts
+
+    # two images at least: the contrastive loss pairs the images of a batch
+    runner.guard_memory(step, "saliency.ccam", "train_ccam", smallest=2)
     eval_ids = ds.ids[:cfg.epoch_eval_images] if cfg.epoch_eval_images > 0 else list(ds.ids)
     log.info("%s on %s/%s: %d images, %d steps/epoch, %d epochs, backbone %s (init %s), device %s", cfg.method,
              cfg.dataset, cfg.split, len(train_set), steps_per_epoch, cfg.epochs, arch["backbone"], cfg.init, device)
@@ -276,14 +288,7 @@ def run(cfg: Config) -> dict:
         n = 0
         t0 = time.perf_counter()
         for batch in tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
-            x = batch[0].to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                z, v_fg, v_bg = net(x)
-            hint = batch[1].to(device, non_blocking=True) if cfg.method == "c2amh" else None
-            loss, parts = ccam_objective(cfg, z, v_fg, v_bg, hint, runner.gather_batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {n}: {loss.item()}")
-            optimizer_step(loss, opt, scaler, sched)
+            loss, parts = step(batch, f"epoch {epoch + 1}, step {n}")
             for k, v in parts.items():
                 sums[k] += v
             sums["loss"] += loss.item()
@@ -295,12 +300,12 @@ def run(cfg: Config) -> dict:
         row["seconds_per_iteration"] = dt / max(1, n)
         row["lr"] = opt.param_groups[0]["lr"]
         if cfg.epoch_eval_images >= 0:
-            m, mf = quick_binary_miou(model, ds, eval_ids, device)
+            m, mf = runner.evaluate(quick_binary_miou, model, ds, eval_ids, device)
             row["binary_miou_no_tta"], row["binary_miou_no_tta_flipped"] = m, mf
-        runner.log(epoch, row)
+        runner.log(epoch, row, shared=("binary_miou_no_tta", "binary_miou_no_tta_flipped"))
 
     ids = ds.ids[:cfg.direction_images] if cfg.direction_images > 0 else list(ds.ids)
-    evidence = direction_evidence(model, ds, ids, device, hints_dir, cfg.border)
+    evidence = runner.evaluate(direction_evidence, model, ds, ids, device, hints_dir, cfg.border)
     if cfg.method == "c2amh":
         direction = {"flip": False, "method": "hint-anchored", "check": evidence}
         if evidence["method"] == "hints" and evidence["correlation"] < 0:

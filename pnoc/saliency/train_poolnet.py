@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.loaders import PairedSet
 from pnoc.io import DataError, read_mask
 from pnoc.models.classifier import classifier_backbone_state, load_backbone_state
@@ -39,11 +39,9 @@ log = logging.getLogger("pnoc.saliency.train_poolnet")
 
 
 @dataclass
-class Config(Solver, Runtime):
+class Config(Solver, Runtime, DataSource):
     """Train PoolNet on pseudo-saliency masks."""
 
-    dataset: str
-    root: Path
     masks: Path
     out: Path
     metrics: Path
@@ -105,7 +103,7 @@ def build_model(cfg: Config):
 def run(cfg: Config) -> dict:
     dist = start_training(cfg)
     device = dist.device
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     if not Path(cfg.masks).is_dir():
         raise DataError(f"{cfg.masks}: pseudo-saliency folder not found; run rule infer_saliency for split {cfg.split}")
     aug = cfg.augmenter()
@@ -124,6 +122,16 @@ def run(cfg: Config) -> dict:
                          inputs=(cfg.masks, cfg.classifier, *ds.identity_files()),
                          dist=dist, model=model, opt=opt, scaler=scaler)
     net = runner.wrap(model, cfg.sync_bn)
+
+    def step(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits = net(x)
+        loss = masked_bce(logits, target)
+        optimizer_step(loss, opt, scaler)
+        return loss, logits, target
+
+    runner.guard_memory(step, "saliency.poolnet", "train_poolnet")
     log.info("PoolNet (%s, width %d) on %s/%s with masks %s: %d images, %d epochs, device %s", arch["backbone"],
              cfg.width, cfg.dataset, cfg.split, cfg.masks, len(train_set), cfg.epochs, device)
     t_train, n_steps = 0.0, 0
@@ -132,13 +140,8 @@ def run(cfg: Config) -> dict:
         loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
         tot, agree, valid_px, n = 0.0, 0, 0, 0
         t0 = time.perf_counter()
-        for x, target, _, _ in tqdm(loader, desc=f"poolnet epoch {epoch + 1}/{cfg.epochs}", mininterval=10,
-                                    leave=False):
-            x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits = net(x)
-            loss = masked_bce(logits, target)
-            optimizer_step(loss, opt, scaler)
+        for batch in tqdm(loader, desc=f"poolnet epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
+            loss, logits, target = step(batch)
             tot += loss.item()
             v = target != 255
             agree += int(((logits[:, 0].detach() > 0) == (target == 1))[v].sum())

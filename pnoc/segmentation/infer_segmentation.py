@@ -27,13 +27,13 @@ import torch
 from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.io import atomic_dir, write_json
 from pnoc.models.deeplab import segmenter_from_artifact
 from pnoc.segmentation.multiscale import multiscale_logits, to_voc_submission, write_index_png
 from pnoc.shards import shard_ids
-from pnoc.training import load_weights, memory_guard, resolve_device, set_threads
+from pnoc.training import load_weights, memory_guard, peak_memory, resolve_device, set_threads
 
 log = logging.getLogger("pnoc.segmentation.infer_segmentation")
 
@@ -41,11 +41,9 @@ SUBMISSION_SUBDIR = "submission/results/VOC2012/Segmentation/comp6_test_cls"
 
 
 @dataclass
-class Config:
+class Config(DataSource):
     """Segmentation inference (multi-scale + flip, optional dCRF)."""
 
-    dataset: str
-    root: Path
     split: str
     model: Path
     out_dir: Path
@@ -74,7 +72,7 @@ def predict(model, img: np.ndarray, device: torch.device, scales, flip: bool, cr
 def run(cfg: Config) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     ids = shard_ids(ds.ids, cfg.shard)
     ds.validate(need_labels=False, ids=ids)
     model = segmenter_from_artifact(load_weights(cfg.model)).to(device).eval()
@@ -92,7 +90,7 @@ def run(cfg: Config) -> dict:
         info = {"stage": "infer_segmentation", "split": cfg.split, "model": str(cfg.model), "images": len(ids),
                 "scales": cfg.scales, "flip": cfg.flip, "crf": cfg.crf, "crf_t": cfg.crf_t,
                 "submission": SUBMISSION_SUBDIR if submission else None,
-                "seconds": dt, "images_per_s": len(ids) / max(dt, 1e-9)}
+                "seconds": dt, "images_per_s": len(ids) / max(dt, 1e-9), **peak_memory(device)}
         write_json(tmp / "_info.json", info)
     log.info("%d images in %.1fs (%.2f img/s)%s", len(ids), dt, info["images_per_s"],
              f"; VOC submission in {cfg.out_dir}/{SUBMISSION_SUBDIR}" if submission else "")

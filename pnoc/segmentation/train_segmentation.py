@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pnoc import cli
-from pnoc.data import open_dataset
+from pnoc.data.datasets import DataSource
 from pnoc.data.loaders import PairedSet, mask_loader
 from pnoc.data.transforms import normalize, to_tensor_image
 from pnoc.evaluation import confusion, scores
@@ -49,11 +49,9 @@ MODEL_SELECTION = ("last epoch; no mask of the evaluated split is read during tr
 
 
 @dataclass
-class Config(Solver, Runtime):
+class Config(Solver, Runtime, DataSource):
     """Train a DeepLab segmentation network on pseudo masks."""
 
-    dataset: str
-    root: Path
     masks_dir: str
     out: Path
     metrics: Path
@@ -141,7 +139,7 @@ def run(cfg: Config) -> dict:
         raise DataError(f"optimizer={cfg.optimizer!r}: use one of {OPTIMIZERS}")
     dist = start_training(cfg)
     device = dist.device
-    ds = open_dataset(cfg.dataset, cfg.root, cfg.split)
+    ds = cfg.open_dataset(cfg.split)
     masks_dir = None if str(cfg.masks_dir).lower() == "gt" else str(cfg.masks_dir)
     if masks_dir is not None and not Path(masks_dir).is_dir():
         raise DataError(f"{masks_dir}: mask folder not found; run the rule that writes the pseudo masks first")
@@ -172,6 +170,16 @@ def run(cfg: Config) -> dict:
                          inputs=(masks_dir, cfg.classifier, *ds.identity_files()),
                          dist=dist, model=model, opt=opt, sched=sched, scaler=scaler)
     net = runner.wrap(model, cfg.sync_bn)
+
+    def step(batch) -> torch.Tensor:
+        x, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits = net(x)
+        loss = segmentation_loss(logits, target, cfg.label_smoothing)
+        optimizer_step(loss, opt, scaler, sched)
+        return loss
+
+    runner.guard_memory(step, "segmentation", "train_segmentation")
     log.info("training %s/%s on %s/%s with masks %s: %d images, %d steps/epoch, %d epochs, device %s",
              cfg.arch, cfg.backbone, cfg.dataset, cfg.split, cfg.masks_dir, len(train_set), steps_per_epoch,
              cfg.epochs, device)
@@ -181,21 +189,20 @@ def run(cfg: Config) -> dict:
         loader = runner.loader(train_set, cfg.batch_size, cfg.num_workers)
         tot, n = 0.0, 0
         t0 = time.perf_counter()
-        for x, target, _y, _i in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
-            x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits = net(x)
-            loss = segmentation_loss(logits, target, cfg.label_smoothing)
-            optimizer_step(loss, opt, scaler, sched)
-            tot += loss.item() * x.shape[0]
-            n += x.shape[0]
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10, leave=False):
+            loss = step(batch)
+            tot += loss.item() * batch[0].shape[0]
+            n += batch[0].shape[0]
         dt = time.perf_counter() - t0
         t_train += dt
         n_seen += n
         row = {"loss": tot / max(1, n), "lr": opt.param_groups[0]["lr"], "images_per_s": n / max(dt, 1e-9)}
+        shared = ()
         if cfg.agreement_images > 0:
-            row.update(agreement(model, ds, masks_dir, device, cfg.agreement_images, cfg.amp))
-        runner.log(epoch, row)
+            agree = runner.evaluate(agreement, model, ds, masks_dir, device, cfg.agreement_images, cfg.amp)
+            row.update(agree)
+            shared = tuple(agree)
+        runner.log(epoch, row, shared=shared)
     runner.save_weights(cfg.out, {"arch": spec, "model": model.state_dict(), "classes": ds.classes,
                                   "masks_dir": str(cfg.masks_dir), "variant": cfg.variant})
     hist = runner.history

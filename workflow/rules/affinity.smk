@@ -89,6 +89,7 @@ rule train_affinity:
         state=lambda w: state_dir("affinity", w.chain, f"seed{w.seed}"),
         device=config["device"],
         workers=config["workers"],
+        speed=SPEED,
     log:
         f"{RESULTS}/logs/train_affinity/{{chain}}-seed{{seed}}.log",
     conda:
@@ -102,7 +103,7 @@ rule train_affinity:
     shell:
         "{params.launch} -m pnoc.affinity.train_affinity {params.data} --split {params.split:q} --labels {input.labels:q}"
         " {params.source} --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
-        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q} {params.speed}"
         " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
 
 

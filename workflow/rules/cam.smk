@@ -13,6 +13,7 @@ rule pretrain_backbone:
         state=state_dir("pretrain"),
         device=config["device"],
         workers=config["workers"],
+        speed=SPEED,
     log:
         f"{RESULTS}/logs/pretrain_backbone.log",
     conda:
@@ -25,13 +26,14 @@ rule pretrain_backbone:
         runtime=runtime_train,
     shell:
         "{params.launch} -m pnoc.cam.pretrain_backbone --out {output.weights:q} --metrics {output.metrics:q}"
-        " --state-dir {params.state:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --state-dir {params.state:q} --device {params.device:q} --num-workers {params.workers:q} {params.speed}"
         " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
 
 
 rule train_classifier:
     input:
         dataset_inputs(images=[DATASET["train_split"], DATASET["val_split"]]),
+        labels_agree=labels_agree_with_masks(),
         weights=backbone_weights(config["classifier"]).input,
     output:
         model=f"{RESULTS}/classifier/seed{{seed}}/model.pt",
@@ -46,6 +48,7 @@ rule train_classifier:
         state=lambda w: state_dir("classifier", f"seed{w.seed}"),
         device=config["device"],
         workers=config["workers"],
+        speed=SPEED,
     log:
         f"{RESULTS}/logs/train_classifier/seed{{seed}}.log",
     conda:
@@ -59,7 +62,7 @@ rule train_classifier:
     shell:
         "{params.launch} -m pnoc.cam.train_classifier {params.data} --split {params.split:q} --val-split {params.val:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
-        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q} {params.speed}"
         " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
 
 
@@ -158,6 +161,7 @@ rule train_cam:
         state=lambda w: state_dir("cam", w.variant, f"seed{w.seed}"),
         device=config["device"],
         workers=config["workers"],
+        speed=SPEED,
     log:
         f"{RESULTS}/logs/train_cam/{{variant}}-seed{{seed}}.log",
     conda:
@@ -172,7 +176,7 @@ rule train_cam:
         "{params.launch} -m pnoc.cam.train_cam {params.data} --split {params.split:q} --eval-split {params.eval_split:q}"
         " --classifier {input.classifier:q} --strategy {params.strategy:q} --label-smoothing {params.ls:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
-        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q} {params.speed}"
         " --threads {threads} --sync-bn {params.sync_bn:q} {params.arch} {params.args} 2> {log:q}"
 
 

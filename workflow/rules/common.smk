@@ -1,14 +1,34 @@
 # Helper functions shared by the rule files (and nothing else lives here).
 
+import math
 import os
+import re
 import shlex
+import sys
 from collections import namedtuple
+
+from snakemake.exceptions import WorkflowError
 
 RESULTS = config["results"]
 DATASET = config["dataset"]
 SEEDS = config["seeds"]
 SEED0 = SEEDS[0]
 ENV = "../../envs/pnoc.yaml"
+
+
+# Each job runs pnoc with the Python that runs Snakemake (pnoc.cli.run_rules_with_this_python); a Snakemake that
+# cannot import torch and pnoc stops here, before any job, saying how to start it from pnoc's environment.
+try:
+    from pnoc.cli import run_rules_with_this_python
+except ImportError as e:
+    raise WorkflowError(
+        f"Snakemake runs with {sys.executable}, which cannot import pnoc ({e}); run Snakemake from pnoc's "
+        f"environment (`source .venv/bin/activate` first, or `.venv/bin/snakemake ...`)"
+    )
+try:
+    run_rules_with_this_python()
+except ImportError as e:
+    raise WorkflowError(str(e))
 
 
 wildcard_constraints:
@@ -37,34 +57,61 @@ def flags(section, exclude=()):
     return " ".join(out)
 
 
+# the speed group's flags (--channels-last true ...), given to every training rule as {params.speed}
+SPEED = flags(config["speed"])
+
+
 # Backbone weights of a section: none | imagenet | generic | path. "generic" is the demo's stand-in
 # for ImageNet: the backbone rule pretrain_backbone trains on the generic corpus (pnoc/data/generic.py).
+# "imagenet" is the backbone's file in imagenet_weights.dir, fetched once by the local rule fetch_weights
+# (dataset.smk) on the host that runs snakemake: no job downloads anything.
 PRETRAIN_WEIGHTS = f"{RESULTS}/pretrain/backbone.pth"
+IMAGENET = config["imagenet_weights"]
+# weights file name -> backbone (the fetch_weights jobs)
+IMAGENET_FILES = {src["file"]: name for name, src in IMAGENET["sources"].items()}
 BackboneWeights = namedtuple("BackboneWeights", "path input")
+
+
+def imagenet_weights(backbone):
+    """The ImageNet weights file of a backbone (``imagenet_weights.dir`` / its source's file), or None."""
+    src = IMAGENET["sources"].get(backbone)
+    return None if src is None else os.path.join(IMAGENET["dir"], src["file"])
 
 
 def backbone_weights(section, used=True):
     """Resolve the ``weights`` value of a config section for one rule.
 
     Args:
-        section: config section (dict) with a ``weights`` key and, for ``generic``, a ``backbone`` key.
+        section: config section (dict) with a ``weights`` and a ``backbone`` key.
         used: whether the rule's stage reads ``weights`` under this config (e.g. only with
-            ``init: backbone``); an unused ``generic`` adds no dependency and is not checked.
+            ``init: backbone``); an unused ``generic`` / ``imagenet`` adds no dependency and is not checked.
 
     Returns:
         BackboneWeights(path, input). ``path``: the value to pass as ``--weights`` (``generic`` ->
-        PRETRAIN_WEIGHTS, anything else unchanged); ``flags()`` already does this for every ``weights``
-        key. ``input``: an input function giving [PRETRAIN_WEIGHTS] when the section says ``generic``
-        and ``used``, else [], so the rule depends on rule pretrain_backbone exactly when it needs it.
-        Usage, one line in a rule's ``input:``::
+        PRETRAIN_WEIGHTS, ``imagenet`` -> the backbone's file of imagenet_weights, anything else unchanged);
+        ``flags()`` already does this for every ``weights`` key. ``input``: an input function giving that file
+        when the section says ``generic`` or ``imagenet`` and ``used``, else [], so the rule depends on rule
+        pretrain_backbone or fetch_weights exactly when it needs it. Usage, one line in a rule's ``input:``::
 
             weights=backbone_weights(SAL["ccam"], SAL["ccam"]["init"] == "backbone").input,
 
     Raises:
         ValueError: ``generic`` (and used) with a backbone other than ``pretrain.backbone``, whose weights would
-            not fit; raised when the Snakefile is parsed, before any job runs.
+            not fit, or ``imagenet`` (and used) for a backbone without a source in imagenet_weights.sources;
+            raised when the Snakefile is parsed, before any job runs.
     """
     value = str(section.get("weights", "none"))
+    backbone = section.get("backbone")
+    if value == "imagenet":
+        path = imagenet_weights(backbone)
+        if path is None:
+            if used:
+                raise ValueError(
+                    f"weights: imagenet for backbone {backbone}, which has no entry in imagenet_weights.sources: add "
+                    f"{backbone}: {{file: <name>.pth, urls: [...]}} there, or set weights to the path of a state dict"
+                )
+            return BackboneWeights(value, lambda wildcards: [])  # never read by the stage
+        return BackboneWeights(path, lambda wildcards: [path] if used else [])
     generic = value == "generic"
     pretrained = config["pretrain"]["backbone"]
     if generic and used and section.get("backbone", pretrained) != pretrained:
@@ -76,8 +123,28 @@ def backbone_weights(section, used=True):
     return BackboneWeights(PRETRAIN_WEIGHTS if generic else value, lambda wildcards: needed)
 
 
+def fetch_args(wildcards):
+    """Flags of a fetch_weights job: the backbone's URLs and, where configured, its full sha256."""
+    src = IMAGENET["sources"][IMAGENET_FILES[wildcards.file]]
+    urls = " ".join(shlex.quote(u) for u in src["urls"])
+    return f"--urls {urls}" + (f" --sha256 {shlex.quote(src['sha256'])}" if src.get("sha256") else "")
+
+
+# dataset keys passed to every stage (pnoc.data.datasets.DataSource) only when they differ from their default, so a
+# run that leaves them alone keeps its recorded params (and reruns nothing)
+DATASET_OPTIONS = {"label_file": None, "list_dir": None, "coco_mask_values": "auto", "drop_unlabelled": False}
+
+
+def dataset_options():
+    """The dataset keys of DATASET_OPTIONS that are set, as keyword arguments of WSSSDataset."""
+    return {k: DATASET[k] for k, default in DATASET_OPTIONS.items() if DATASET.get(k, default) != default}
+
+
 def dataset_args():
-    return f"--dataset {DATASET['name']} --root {shlex.quote(DATASET['root'])}"
+    """``--dataset``, ``--root`` and the set dataset options, shell-quoted: the data flags of every stage."""
+    extra = "".join(f" --{k.replace('_', '-')} {shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))}"
+                    for k, v in dataset_options().items())
+    return f"--dataset {DATASET['name']} --root {shlex.quote(DATASET['root'])}{extra}"
 
 
 def dataset_manifest(split, kind="images"):
@@ -110,11 +177,48 @@ def dataset_inputs(images=(), masks=(), split=None):
     return inner
 
 
-def dataset_split_files(wildcards):
-    """Files the check_dataset job watches (pnoc.data.check_dataset.dataset_files)."""
-    from pnoc.data.check_dataset import dataset_files
+def dataset_checked_record(split, kind):
+    """What the last successful check of one kind of a split read (size, mtime, SHA-256 of each file), written by
+    the check_dataset job; dataset_split_fingerprint compares the files with it."""
+    return f"{RESULTS}/dataset/checked/{split}/{kind}.json"
 
-    return dataset_files(DATASET["name"], DATASET["root"], wildcards.split, wildcards.kind)
+
+_FINGERPRINTS = {}
+
+
+def dataset_split_fingerprint(wildcards):
+    """The check_dataset job's ``params.fingerprint``: a digest of the files of one kind of a split, read when
+    the DAG is built (pnoc.data.check_dataset.dataset_fingerprint). A changed, added or removed file changes it,
+    so Snakemake's params trigger reruns the check, whose new manifest reruns exactly the stages that read it.
+    The files are not the job's inputs: at COCO's size, one input a file cost Snakemake about 30 s of every
+    dry run (docs/benchmarks.md). Computed once per split and kind and run (dataset_split_files computes it
+    first)."""
+    if DATASET["name"] == "synthetic":
+        return "dataset.json"  # generated by a job: its input dataset.json stands for its files
+    key = (wildcards.split, wildcards.kind)
+    if key not in _FINGERPRINTS:
+        from pnoc.data.check_dataset import dataset_fingerprint
+
+        _FINGERPRINTS[key] = dataset_fingerprint(DATASET["name"], DATASET["root"], *key,
+                                                 record=dataset_checked_record(*key), **dataset_options())
+    return _FINGERPRINTS[key]
+
+
+def dataset_split_files(wildcards):
+    """Input of the check_dataset job: none but the synthetic benchmark's dataset.json (a rule output that stands
+    for its files). For any other dataset the job's ``params.fingerprint`` stands for its files; it is computed
+    here, so a missing split list fails the dry run with its path and the fix."""
+    if DATASET["name"] == "synthetic":
+        return [f"{DATASET['root']}/dataset.json"]
+    dataset_split_fingerprint(wildcards)
+    return []
+
+
+def labels_agree_with_masks():
+    """The training split's masks check (it compares the labels with the masks, pnoc.data.check_dataset) as an
+    input of the first training: a label file that disagrees with the masks stops the run before anything trains.
+    ancient: a corrected mask of that split reruns its check, not the training."""
+    return ancient(dataset_manifest(DATASET["train_split"], "masks"))
 
 
 def split_needs_masks(split):
@@ -143,8 +247,98 @@ def runtime_train(wildcards, attempt):
     return config["resources"]["train_runtime_min"] * attempt
 
 
-def runtime_infer(wildcards, attempt):
-    return 30 * attempt
+# ---------------------------------------------------------------------------------------------
+# Time limits of the per-image rules, sized from the images they read. A rule that declares
+# ``runtime=runtime_infer`` gets (Snakemake passes the rule's name as ``rulename``)
+#
+#   attempt x ceil(resources.infer_runtime_min
+#                  + resources.runtime_margin x resources.cost_s_per_mpx[rule] x megapixels / 60)   minutes
+#
+# where megapixels are those of the images the job reads: the image count of its split(s) (of its shard with
+# resources.shards > 1) x their mean size, read when the Snakefile is parsed (split_size).
+
+# per-image rules that read other splits than their {split} wildcard (or have none)
+PER_IMAGE_SPLITS = {
+    "make_affinity_labels": lambda: [AFF_TRAIN_SPLIT],
+    "walk_share": lambda: [DATASET["val_split"], DATASET["eval_split"]],
+    "diagnose": lambda: [DATASET["val_split"]],
+}
+# per-image rules that run as resources.shards jobs per split (a `sharded()` output and a gather_* rule)
+SHARDED_RULES = ("infer_cams", "infer_saliency", "infer_poolnet", "make_affinity_labels", "propagate",
+                 "make_pseudo_masks", "infer_segmentation")
+# images whose headers give a split's mean size (spread over its list)
+SIZE_SAMPLE = 16
+
+
+_SPLIT_SIZES = {}
+
+
+def split_size(split):
+    """(images, mean megapixels per image) of a split, read cheaply when the Snakefile is parsed.
+
+    synthetic: ``dataset.synthetic`` n_train / n_val images of image_size² (the data is generated by a job). Any other
+    dataset: the split's image list (its line count; a COCO split without a list: its folder's images), and the mean
+    size of up to SIZE_SAMPLE images spread over the list, from their headers (no image is decoded; the dataset
+    check's manifest may not exist yet). A list or image that cannot be read counts as nothing here: rule
+    check_dataset stops the run with the reason.
+    """
+    if split in _SPLIT_SIZES:
+        return _SPLIT_SIZES[split]
+    if DATASET["name"] == "synthetic":
+        syn = DATASET["synthetic"]
+        n = {"train": syn["n_train"], "val": syn["n_val"]}.get(split, 0)
+        out = (n, syn["image_size"] ** 2 / 1e6)
+    else:
+        from pnoc.data import open_dataset
+
+        try:
+            ds = open_dataset(DATASET["name"], DATASET["root"], split, **dataset_options())
+            ids = ds.ids
+        except Exception:  # missing list or folder: check_dataset names it
+            ids = []
+        step = max(1, len(ids) // SIZE_SAMPLE)
+        sizes = []
+        for image_id in ids[::step][:SIZE_SAMPLE]:
+            try:
+                h, w = ds.image_size(image_id)
+            except Exception:
+                continue
+            sizes.append(h * w / 1e6)
+        out = (len(ids), sum(sizes) / len(sizes) if sizes else 0.0)
+    _SPLIT_SIZES[split] = out
+    return out
+
+
+def job_megapixels(rulename, wildcards):
+    """Megapixels that one job of a per-image rule reads (its split or splits; with shards, the largest shard)."""
+    splits = PER_IMAGE_SPLITS[rulename]() if rulename in PER_IMAGE_SPLITS else [wildcards.split]
+    total = 0.0
+    for split in dict.fromkeys(splits):
+        n, mpx = split_size(split)
+        if SHARDS > 1 and rulename in SHARDED_RULES:
+            n = -(-n // SHARDS)
+        total += n * mpx
+    return total
+
+
+def per_image_runtime(rulename, megapixels, attempt=1):
+    """Time limit (minutes) of a per-image job reading ``megapixels``; see the formula above.
+
+    Raises:
+        WorkflowError: ``resources.cost_s_per_mpx`` has no entry for the rule.
+    """
+    res = config["resources"]
+    costs = res["cost_s_per_mpx"]
+    if rulename not in costs:
+        raise WorkflowError(f"rule {rulename} declares runtime=runtime_infer, but resources.cost_s_per_mpx has no "
+                            f"{rulename}: add its seconds per megapixel (benchmarks/rehearsal.py measures them)")
+    scaled = res["runtime_margin"] * costs[rulename] * megapixels / 60
+    return attempt * math.ceil(round(res["infer_runtime_min"] + scaled, 6))  # round: 0.2 Mpx x 1000 is not 200.0000001
+
+
+def runtime_infer(wildcards, attempt, rulename):
+    """``runtime`` of a per-image rule: sized from the images the job reads (per_image_runtime)."""
+    return per_image_runtime(rulename, job_megapixels(rulename, wildcards), attempt)
 
 
 GPU = config["resources"]["gpu"]
@@ -423,6 +617,9 @@ def report_pages():
     return pages
 
 
+GALLERY_SPLIT = config["report"]["gallery_split"] or DATASET["eval_split"]
+
+
 def gallery_columns(split):
     """Gallery columns present in this workflow, in ``report.gallery_columns`` order: name -> (kind, folder).
 
@@ -441,11 +638,11 @@ def gallery_columns(split):
 
 
 def gallery_inputs(wildcards):
-    return {name: folder for name, (_, folder) in gallery_columns(config["report"]["gallery_split"]).items()}
+    return {name: folder for name, (_, folder) in gallery_columns(GALLERY_SPLIT).items()}
 
 
 def gallery_args(wildcards):
-    cols = gallery_columns(config["report"]["gallery_split"])
+    cols = gallery_columns(GALLERY_SPLIT)
     masks = " ".join(shlex.quote(f"{n}={f}") for n, (k, f) in cols.items() if k == "masks")
     maps = " ".join(shlex.quote(f"{n}={f}") for n, (k, f) in cols.items() if k == "maps")
     return (f"--columns {' '.join(map(shlex.quote, cols))}" + (f" --masks {masks}" if masks else "")
@@ -467,8 +664,21 @@ CHAIN_MASKS = f"{config['cam']['variant']}+{AFF['method']}"
 
 
 def walk_share_targets():
-    """The walk's share of the chain's own masks (first seed), requested by the default target."""
+    """The walk's share of the chain's own masks (first seed): rule walk_share, a diagnostic of the benchmark."""
     return [f"{RESULTS}/walk_share/{CHAIN_MASKS}/seed{SEED0}/metrics.json"]
+
+
+def diagnostic_targets():
+    """The benchmark diagnostics, requested by ``snakemake diagnostics`` for any dataset: the walk's share
+    (rule walk_share, four walks per image on two splits, ground-truth affinities included) and, for the
+    synthetic benchmark, its premises (rule diagnose, which needs the generator's part maps)."""
+    return benchmark_tables() + walk_share_targets()
+
+
+def default_diagnostics():
+    """Diagnostics in the default target: all of them for the synthetic benchmark (the demo reports them), none
+    for voc12 / coco14 / custom, whose users want the chain's result (``snakemake diagnostics`` adds them)."""
+    return diagnostic_targets() if DATASET["name"] == "synthetic" else []
 
 
 def chain_prior(wildcards):

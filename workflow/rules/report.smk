@@ -41,7 +41,7 @@ rule report_tables:
 
 rule gallery:
     input:
-        dataset_inputs(masks=[config["report"]["gallery_split"]], images=[config["report"]["gallery_split"]]),
+        dataset_inputs(masks=[GALLERY_SPLIT], images=[GALLERY_SPLIT]),
         unpack(gallery_inputs),
     output:
         panels=report(
@@ -53,7 +53,7 @@ rule gallery:
         ),
     params:
         data=dataset_args(),
-        split=config["report"]["gallery_split"],
+        split=GALLERY_SPLIT,
         columns=gallery_args,
         args=flags(config["report"], exclude=("gallery_split", "gallery_columns")),
     log:

@@ -57,6 +57,7 @@ rule train_ccam:
         state=lambda w: state_dir("ccam", w.method, f"seed{w.seed}"),
         device=config["device"],
         workers=config["workers"],
+        speed=SPEED,
     log:
         f"{RESULTS}/logs/train_ccam/{{method}}-seed{{seed}}.log",
     conda:
@@ -71,7 +72,7 @@ rule train_ccam:
         "{params.launch} -m pnoc.saliency.train_ccam {params.data} --split {params.split:q} --method {wildcards.method:q}"
         " --hints {input.hints:q} {params.classifier} --fg-threshold {params.fg:q} --bg-threshold {params.bg:q}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
-        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q} {params.speed}"
         " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
 
 
@@ -173,6 +174,7 @@ rule train_poolnet:
         state=lambda w: state_dir("poolnet", w.method, f"seed{w.seed}"),
         device=config["device"],
         workers=config["workers"],
+        speed=SPEED,
     log:
         f"{RESULTS}/logs/train_poolnet/{{method}}-seed{{seed}}.log",
     conda:
@@ -186,7 +188,7 @@ rule train_poolnet:
     shell:
         "{params.launch} -m pnoc.saliency.train_poolnet {params.data} --split {params.split:q} --masks {input.masks:q}"
         " {params.classifier} --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
-        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q} {params.speed}"
         " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
 
 

@@ -32,6 +32,7 @@ rule train_segmentation:
         state=lambda w: state_dir("segmentation", w.variant, f"seed{w.seed}"),
         device=config["device"],
         workers=config["workers"],
+        speed=SPEED,
     log:
         f"{RESULTS}/logs/train_segmentation/{{variant}}-seed{{seed}}.log",
     conda:
@@ -46,7 +47,7 @@ rule train_segmentation:
         "{params.launch} -m pnoc.segmentation.train_segmentation {params.data} --split {params.split:q} --variant {wildcards.variant:q}"
         " --arch {params.arch} --masks-dir {params.masks:q} {params.init}"
         " --out {output.model:q} --metrics {output.metrics:q} --state-dir {params.state:q}"
-        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q}"
+        " --seed {wildcards.seed:q} --device {params.device:q} --num-workers {params.workers:q} {params.speed}"
         " --threads {threads} --sync-bn {params.sync_bn:q} {params.args} 2> {log:q}"
 
 
