@@ -104,6 +104,15 @@ def _space_now(folder: Path) -> str:
     return f"{human_bytes(free)} free of {human_bytes(total)} there now"
 
 
+def _no_room_before_writing(e: OSError, path: Path) -> DiskFullError | None:
+    """What to raise when the temporary file or folder of ``path`` cannot even be created because the filesystem
+    is full: a :class:`DiskFullError` naming the folder and what is free; None for any other error."""
+    why = out_of_space(e, path.parent)
+    if why is None:
+        return None
+    return DiskFullError(f"{path}: {why} in {path.parent} before writing it ({_space_now(path.parent)}); {_ROOM_FIX}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None, need: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
@@ -128,11 +137,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, need: int | 
             dir=path.parent,
         )
     except OSError as e:
-        why = out_of_space(e, path.parent)
-        if why is None:
+        full = _no_room_before_writing(e, path)
+        if full is None:
             raise
-        raise DiskFullError(f"{path}: {why} in {path.parent} before writing it ({_space_now(path.parent)}); "
-                            f"{_ROOM_FIX}") from e
+        raise full from e
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes owner-only files; an artifact gets the mode of a plain open() (0666 minus the umask),
@@ -556,11 +564,10 @@ def atomic_dir(path: str | os.PathLike, expect: int | None = None) -> Iterator[P
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
-        why = out_of_space(e, path.parent)
-        if why is None:
+        full = _no_room_before_writing(e, path)
+        if full is None:
             raise
-        raise DiskFullError(f"{path}: {why} in {path.parent} before writing it ({_space_now(path.parent)}); "
-                            f"{_ROOM_FIX}") from e
+        raise full from e
     tmp.chmod(0o755)  # mkdtemp makes owner-only folders; artifacts are meant to be shared
     try:
         yield tmp

@@ -26,3 +26,17 @@ def map_images(ids: Sequence[str], work: Callable, init: Callable, init_args: tu
             for image_id in ids:
                 yield work(image_id)
                 bar.update()
+
+
+def pool_map(work: Callable, items: Sequence, threads: int, chunk_cap: int = 64, serial_below: int = 65) -> list:
+    """``[work(item) for item in items]``, over ``threads`` forked workers when there are ``serial_below`` items or
+    more (a pool costs more than it saves on a few); ``work`` must be a module-level function so it pickles.
+
+    Chunks are sized for about four per worker, at most ``chunk_cap`` items each.
+    """
+    if threads <= 1 or len(items) < serial_below:
+        return [work(item) for item in items]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(threads) as pool:
+        return pool.map(work, items, chunksize=max(1, min(chunk_cap, len(items) // (4 * threads))))
+

@@ -51,6 +51,7 @@ import numpy as np
 from pnoc import cli
 from pnoc.data.datasets import DataSource, WSSSDataset, present_classes
 from pnoc.io import MASK_ENCODINGS, DataError, write_json, write_text
+from pnoc.parallel import pool_map
 
 log = logging.getLogger("pnoc.data.check_dataset")
 
@@ -231,14 +232,7 @@ def checked_record(root: str | Path, files: dict[str, list[int]], threads: int =
     which spares the next fingerprint hashing it again.
     """
     items = [(str(Path(root) / rel), size, mtime) for rel, (size, mtime) in files.items()]
-    if threads > 1 and len(items) > 64:
-        import multiprocessing as mp
-
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(threads) as pool:
-            digests = pool.map(_sha256_if_unchanged, items, chunksize=max(1, min(256, len(items) // (4 * threads))))
-    else:
-        digests = [_sha256_if_unchanged(i) for i in items]
+    digests = pool_map(_sha256_if_unchanged, items, threads, chunk_cap=256)
     previous = previous or {}
     out = {}
     for (rel, (size, mtime)), digest in zip(files.items(), digests):
@@ -388,14 +382,7 @@ def check_split(name: str, root: str | Path, split: str, kind: str = "images", n
     _DS, _KIND, _NEED_MASKS = ds, kind, need_masks
     _LABELS = not label_errors and (kind == "images" or compares_labels(ds))
     try:
-        if threads > 1 and len(ids) > 64:
-            import multiprocessing as mp
-
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method).Pool(threads) as pool:
-                results = pool.map(_check_one, ids, chunksize=max(1, min(64, len(ids) // (4 * threads))))
-        else:
-            results = [_check_one(i) for i in ids]
+        results = pool_map(_check_one, ids, threads)
     finally:
         _DS = None
     for r in results:
