@@ -6,6 +6,8 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.pnoc-installed
 CORES   ?= all
+# pytest-xdist workers of `make test` (2: CI's cores; the SLURM tests share one, tests/conftest.py)
+TEST_WORKERS ?= 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: venv demo test test-fast lint report clean
@@ -24,10 +26,10 @@ demo: venv
 	@cat results/summary.md
 
 test: venv
-	pytest -q --timeout 1500 tests
+	pytest -q -n $(TEST_WORKERS) --dist loadgroup --timeout 1500 tests
 
 test-fast: venv
-	pytest -q -m "not slow and not slurm" tests
+	pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not slurm" tests
 
 lint: venv
 	snakemake --lint

@@ -70,6 +70,43 @@ def session_processes() -> dict[int, str]:
     return {pid: desc[pid] for pid in sorted(parent) if pid in marked or descends_from_me(pid)}
 
 
+# The modules whose tests use the one SLURM test cluster of tests/slurm/cluster.sh (its daemons, ports and state
+# are the machine's: one cluster at a time).
+SLURM_MODULES = ("tests/test_hpc.py", "tests/test_slurm.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup`): every test of
+    SLURM_MODULES in one worker, one after another, as one work unit; every other test is its own unit.
+
+    The SLURM tests spend most of their time waiting for the scheduler (the executor plugin polls every 11 s), so
+    the other worker runs the rest meanwhile. xdist's own `xdist_group` marks cannot form the group under
+    pytest 9 (xdist 3.8 appends the group to `item._nodeid`, which pytest 9 no longer reads), hence a scheduler
+    that groups by module. The unit with the most tests is handed out first, so the SLURM group (about 18 of the
+    suite's 40 single-process minutes) starts at once instead of becoming the tail.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.split("::")[0] in SLURM_MODULES else nodeid
+
+    return SlurmTestsTogether(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the SLURM cluster must live in SLURM_MODULES, or a second worker would start a second
+    cluster beside the first."""
+    stray = [item.nodeid for item in items
+             if item.get_closest_marker("slurm") and item.nodeid.split("::")[0] not in SLURM_MODULES]
+    if stray:
+        raise pytest.UsageError(f"tests marked slurm outside {', '.join(SLURM_MODULES)} (conftest.SLURM_MODULES): "
+                                f"{', '.join(stray)}; move them there or add their module")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_processes():
     """The suite leaves no process running: at the end of the session (after every other fixture's
