@@ -377,7 +377,7 @@ class Bench:
         phase("check", [*targets, "--cores", str(self.args.cores)], 1,
               expect=lambda r, t: None if r["jobs"].get("check_dataset") == len(targets) else
               f"expected {len(targets)} check_dataset jobs, got {r['jobs']}")
-        out["stand_in_outputs"] = stand_in_chain(text, {str(Path(t)) for t in targets})
+        out["stand_in_outputs"] = stand_in_chain(text, {str(Path(t)) for t in targets}, work)
         load = os.getloadavg()[0]
         phase("up-to-date dry run", ["-n"], self.args.repeats, expect=nothing)
         load = os.getloadavg()[0]
@@ -448,7 +448,7 @@ def val_split(name: str) -> str:
 FILE_SUFFIXES = (".json", ".md", ".pt", ".pth", ".html", ".txt", ".csv", ".npz", ".png")
 
 
-def stand_in_chain(dry_run: str, skip: set[str]) -> int:
+def stand_in_chain(dry_run: str, skip: set[str], workdir: Path) -> int:
     """Stand-ins for every output of a dry run but ``skip`` (empty files; folders where the path has no file
     suffix), all with one mtime: the chain as if it had run, so that a later dry run says what a change reruns.
     The shard folders (temporary) are left out, as after a real run. Returns the count."""
@@ -459,6 +459,8 @@ def stand_in_chain(dry_run: str, skip: set[str]) -> int:
         if not m or not o:
             continue
         paths += [Path(p) for p in o.group(1).split(", ") if ".shards" not in p and p not in skip]
+    # a relative output (the ImageNet weights' `weights/<file>`) is relative to snakemake's working folder, not to ours
+    paths = [p if p.is_absolute() else workdir / p for p in paths]
     now = time.time_ns()
     for p in paths:
         if p.suffix in FILE_SUFFIXES:

@@ -81,8 +81,13 @@ def test_dag_scale_runs_at_tiny_scale(tmp_path):
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(SCRIPT), "--work", str(tmp_path / "w"), "--scale", "0.0003", "--datasets", "coco14",
            "--repeats", "1", "--image-size", "48x64", "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    here = tmp_path / "cwd"  # the folder it is started in: it must write nothing there (all goes under --work)
+    here.mkdir()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=here, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert list(here.iterdir()) == [], sorted(map(str, here.rglob("*")))
+    # the stand-in of the ImageNet weights (a relative output, weights/<file>) lies in snakemake's working folder
+    assert {p.name for p in (tmp_path / "w" / "this-coco14" / "weights").iterdir()} >= {"resnest269-0cc87c48.pth"}
     r = json.loads(out.read_text())
     (run,) = r["results"]
     phases = run["phases"]
