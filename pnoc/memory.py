@@ -196,14 +196,19 @@ def slurm_limit() -> tuple[int, str] | None:
     return None
 
 
-def _meminfo_available() -> int | None:
+def _proc_kb(path: str, key: str) -> int | None:
+    """Bytes of a ``key:  N kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``); None without it."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _meminfo_available() -> int | None:
+    return _proc_kb("/proc/meminfo", "MemAvailable")
 
 
 def memory_budget(device: torch.device | str = "cpu") -> Budget:
@@ -272,13 +277,7 @@ def _reset_high_water() -> bool:
 
 
 def _high_water() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_kb("/proc/self/status", "VmHWM")
 
 
 class _Sampler:

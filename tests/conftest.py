@@ -139,6 +139,16 @@ def no_leftover_processes():
                 f"{report}", pytrace=False)
 
 
+def load_script(path: Path, name: str):
+    """A script that is not a package module (``benchmarks/*.py``), loaded from its path as module ``name``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def venv_env() -> dict:
     """Environment whose PATH starts with the interpreter's bin folder (snakemake, python of the venv)."""
     env = dict(os.environ)

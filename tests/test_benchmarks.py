@@ -1,6 +1,5 @@
 """benchmarks/stages.py (issue 13's throughput benchmark) runs on CPU at its tiny preset and reports every stage."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -8,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "stages.py"
@@ -90,10 +90,7 @@ def test_stages_benchmark_tiny_cpu(tmp_path):
 
 
 def _stages_module():
-    spec = importlib.util.spec_from_file_location("bench_stages", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "bench_stages")
 
 
 def test_stages_benchmark_rejects_unknown_stage(capsys):

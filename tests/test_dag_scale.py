@@ -3,7 +3,6 @@ peers' structures that the check passes, and its Snakemake phases run, plan what
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from pnoc.data.check_dataset import check_split
 
@@ -19,10 +19,7 @@ SCRIPT = ROOT / "benchmarks" / "dag_scale.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("dag_scale", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "dag_scale")
 
 
 def test_trees_are_the_peers_layouts_and_pass_the_check(tmp_path):

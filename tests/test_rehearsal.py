@@ -1,7 +1,6 @@
 """The whole-chain rehearsal (benchmarks/rehearsal.py) at its tiny CPU preset; the default target of each dataset
 (benchmark diagnostics only for the synthetic benchmark); the per-image rules' time limits sized from the split."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, job_stats, smoke_config, snakemake, venv_env
+from conftest import ROOT, job_stats, load_script, smoke_config, snakemake, venv_env
 from PIL import Image
 
 SCRIPT = ROOT / "benchmarks" / "rehearsal.py"
@@ -28,10 +27,7 @@ VOC_CHAIN = {
 
 
 def _rehearsal():
-    spec = importlib.util.spec_from_file_location("rehearsal", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "rehearsal")
 
 
 # ------------------------------------------------------------------------------------ the tiny rehearsal

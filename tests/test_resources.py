@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from fixtures import make_voc
 from pnoc import memory
@@ -267,9 +267,7 @@ def test_watch_stops_the_main_thread_before_the_limit(monkeypatch):
 def test_stages_benchmark_skips_a_stage_that_does_not_fit(monkeypatch):
     """benchmarks/stages.py: measured at 1 and 4 images and projected; with a limit at half of what deeplab's
     iteration needs, deeplab is reported as not fitting (the key to lower named) and not run."""
-    spec = importlib.util.spec_from_file_location("bench_stages_mem", ROOT / "benchmarks" / "stages.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(ROOT / "benchmarks" / "stages.py", "bench_stages_mem")
     args = ["--tiny", "--device", "cpu", "--stages", "deeplab", "--no-disk", "--size", "96", "--threads", "1",
             "--peak-tflops", "1"]
     monkeypatch.setenv(memory.ENV, str(memory.rss() // MiB + 4096))
